@@ -1,0 +1,1 @@
+"""Admission (DynamicBatcher) and iteration-level scheduling (Scheduler) of sequences."""

@@ -1,0 +1,42 @@
+"""EngineConfig: every engine knob in one validated dataclass (the CLI fills it, tests build it directly)."""
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None              # HF checkpoint directory; None serves the embedded default model
+    dtype: str = "auto"                   # auto: float32 on CPU, the checkpoint's dtype on CUDA
+    device: str = "auto"                  # auto: cuda when available, else cpu
+    max_batch_size: int = 64              # most sequences in one engine step; the batcher releases at this count
+    max_wait_ms: float = 5.0              # longest a new request waits for others to batch with
+    max_num_batched_tokens: int = 2048    # token budget per step; longer prompts are prefilled in chunks
+    max_model_len: int | None = None      # context length; default from the checkpoint's config
+    block_size: int = 16                  # tokens per KV cache block
+    kv_cache_tokens: int | None = None    # KV cache size in tokens; overrides kv_cache_memory_fraction
+    kv_cache_memory_fraction: float | None = None  # share of free memory for the KV cache (default 0.9 CUDA, 0.2 CPU)
+    enable_prefix_caching: bool = True
+    seed: int = 0                         # seeds requests that bring no seed of their own
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        _check_positive("max_batch_size", self.max_batch_size)
+        _check_positive("block_size", self.block_size)
+        _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0; got {self.max_wait_ms}")
+        if self.max_model_len is not None:
+            _check_positive("max_model_len", self.max_model_len)
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must be at least block_size ({self.block_size}); got {self.kv_cache_tokens}")
+        if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1]; got {self.kv_cache_memory_fraction}")
+
+
+def _check_positive(name: str, value: int):
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}")

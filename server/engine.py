@@ -1,0 +1,242 @@
+"""AsyncEngine: generate() -> async stream of deltas, abort(), health(); owns the step loop.
+
+The step loop runs on the event loop: it admits sequences from the batcher, schedules, prepares the
+batch, runs the model in a single worker thread (the loop stays responsive meanwhile), then records
+tokens, detokenizes and pushes deltas to each request's queue.
+"""
+import asyncio
+import logging
+import random
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from batching.batcher import DynamicBatcher
+from batching.scheduler import Scheduler, SchedulerOutput
+from server.config import EngineConfig
+from server.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
+from server.loader import load_hf_config, load_model
+from server.model_runner import ModelRunner
+from server.outputs import RequestOutput, StopStringMatcher
+from server.sampling import InvalidRequestError, SampledToken, SamplingParams
+from server.sequence import FinishReason, Sequence, SequenceStatus
+from server.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    queue: asyncio.Queue
+    detokenizer: IncrementalDetokenizer
+    stop_matcher: StopStringMatcher
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device, config.model)
+        if config.model is None:
+            from server.default_model import ensure_default_model
+            self.model_path = str(ensure_default_model())
+        else:
+            self.model_path = config.model
+        hf_config = load_hf_config(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)
+        self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
+        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
+        mc = self.model.config
+        self.vocab_size = mc.vocab_size
+        per_token = kv_cache_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        num_blocks = size_kv_cache(per_token, config.block_size, self.device, config.kv_cache_tokens,
+                                   config.kv_cache_memory_fraction, config.max_batch_size * self.max_model_len)
+        self.kv_cache_tokens = num_blocks * config.block_size
+        kv_caches = [torch.zeros(2, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+                                 dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
+                 per_token * self.kv_cache_tokens / 2**20)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
+        self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
+        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids)
+        self._rng = random.Random(config.seed)
+        self._requests: dict[str, _Request] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.num_steps = 0
+
+    # --- the frontend's interface --------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields deltas until one with finished=True. Leaving the iteration early aborts the request."""
+        self._ensure_started()
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
+        req = _Request(seq, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                                                    seq.params.skip_special_tokens),
+                       StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output))
+        self._requests[request_id] = req
+        self.batcher.add(seq)
+        self._wake.set()
+        try:
+            while True:
+                out = await req.queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if request_id in self._requests and self._requests[request_id] is req:
+                self.abort(request_id)
+
+    def abort(self, request_id: str):
+        """Ends the request now and frees its KV blocks; its stream gets a final 'abort' delta."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        seq = req.seq
+        if self.batcher.remove(seq):
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
+        else:
+            self.scheduler.finish(seq, FinishReason.ABORT)
+        req.queue.put_nowait(self._output(req, [], [], ""))
+
+    def health(self) -> bool:
+        return self._loop_task is None or not self._loop_task.done()
+
+    async def shutdown(self):
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    # --- request intake ------------------------------------------------------------------------
+    def _make_sequence(self, prompt, params: SamplingParams, request_id: str) -> Sequence:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            token_ids = self.tokenizer.encode(prompt)
+        else:
+            token_ids = list(prompt)
+            if not token_ids:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[0]!r}", "prompt")
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise InvalidRequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but the prompt has {n} tokens; "
+                f"at most {self.max_model_len - 1} prompt tokens fit", "prompt")
+        room = min(self.max_model_len, self.kv_cache_tokens) - n
+        if room < 1:
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens but the KV cache holds {self.kv_cache_tokens}", "prompt")
+        max_tokens = params.max_tokens if params.max_tokens is not None else room
+        if max_tokens > room:
+            raise InvalidRequestError(
+                f"max_tokens must be between 1 and {room} for this prompt ({n} tokens, context length "
+                f"{self.max_model_len}); got {max_tokens}", "max_tokens")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        return Sequence(request_id, token_ids, params, generator, max_tokens)
+
+    # --- the step loop -------------------------------------------------------------------------
+    def _ensure_started(self):
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="lmserve-step-loop")
+
+    async def _step_loop(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            for seq in self.batcher.release():
+                self.scheduler.add(seq)
+            if not self.scheduler.has_work():
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.batcher.seconds_until_ready())
+                except TimeoutError:
+                    pass
+                continue
+            out = self.scheduler.schedule()
+            if not out.scheduled:
+                await asyncio.sleep(0.001)
+                continue
+            batch = self.runner.prepare(out)
+            try:
+                sampled = await loop.run_in_executor(self._executor, self.runner.run, batch)
+            except Exception as exc:  # one bad step fails the requests in it, not the server
+                log.exception("engine step failed")
+                self._fail(out, exc)
+                continue
+            self.num_steps += 1
+            for seq in self.scheduler.update(out, sampled, self.eos_token_ids):
+                self._emit(seq, sampled[seq])
+
+    def _emit(self, seq: Sequence, token: SampledToken):
+        req = self._requests.get(seq.request_id)
+        if req is None or req.seq is not seq:
+            return
+        req.detokenizer.step([token.token_id])
+        text = req.stop_matcher.feed(req.detokenizer.text, final=seq.is_finished)
+        if req.stop_matcher.matched is not None and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)
+            text += req.stop_matcher.feed(req.detokenizer.text, final=True)
+        logprobs = [token] if seq.params.logprobs is not None else None
+        req.queue.put_nowait(self._output(req, [token.token_id], logprobs, text))
+        if seq.is_finished:
+            del self._requests[seq.request_id]
+
+    def _output(self, req: _Request, token_ids, logprobs, text) -> RequestOutput:
+        seq = req.seq
+        stop_reason = None
+        if seq.finish_reason is FinishReason.STOP:
+            last = seq.token_ids[-1]
+            stop_reason = req.stop_matcher.matched or (last if last in seq.params.stop_token_ids else None)
+        return RequestOutput(
+            request_id=seq.request_id, token_ids=token_ids, text=text, logprobs=logprobs,
+            finished=seq.is_finished, finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens or 0,
+            num_output_tokens=seq.num_output_tokens, stop_reason=stop_reason)
+
+    def _fail(self, out: SchedulerOutput, exc: Exception):
+        for item in out.scheduled:
+            req = self._requests.pop(item.seq.request_id, None)
+            self.scheduler.finish(item.seq, FinishReason.ABORT)
+            if req is not None:
+                req.queue.put_nowait(RuntimeError(f"request {item.seq.request_id} failed in the engine: {exc}"))
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device, model_path: str | None) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32
+    if model_path is not None:
+        checkpoint_dtype = getattr(load_hf_config(model_path), "dtype", None) or torch.float16
+        if isinstance(checkpoint_dtype, str):
+            checkpoint_dtype = getattr(torch, checkpoint_dtype)
+        if checkpoint_dtype in (torch.float16, torch.bfloat16):
+            return checkpoint_dtype
+    return torch.float16

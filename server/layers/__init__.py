@@ -1,0 +1,1 @@
+"""Building blocks of the forward pass: norm, rotary, attention over the paged KV cache, linear."""

@@ -1,0 +1,87 @@
+"""ModelRunner: turns a scheduled batch into tensors, runs the model over the paged KV cache, samples.
+
+prepare() runs on the event loop (it reads sequences the loop owns); run() touches only the prepared
+tensors, so it can run in a worker thread while the loop keeps serving.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from batching.scheduler import SchedulerOutput
+from server.layers.attention import AttentionGroup, AttentionMetadata
+from server.sampling import SampledToken, SamplerRow, sample
+from server.sequence import Sequence
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor          # [T]
+    positions: torch.Tensor          # [T]
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor     # [B'] rows of the flat batch whose logits are sampled
+    sample_seqs: list[Sequence]
+    sampler_rows: list[SamplerRow]
+
+
+class ModelRunner:
+    def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
+                 eos_token_ids: tuple[int, ...]):
+        self.model = model
+        self.kv_caches = kv_caches       # per layer: [2, num_blocks, block_size, Hkv, Dh]
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_ids = eos_token_ids
+
+    def prepare(self, out: SchedulerOutput) -> PreparedBatch:
+        bs = self.block_size
+        # Decodes (one new token) first, as one attention group; then each prefill chunk as its own group.
+        items = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        input_ids, positions, slots, sample_idx, sample_seqs, groups = [], [], [], [], [], []
+        decodes = [s for s in items if s.num_new_tokens == 1]
+        for item in items:
+            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            input_ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            if item.samples:
+                sample_idx.append(len(input_ids) - 1)
+                sample_seqs.append(seq)
+        if decodes:
+            groups.append(self._group(slice(0, len(decodes)), [d.seq for d in decodes],
+                                      [[d.seq.num_computed_tokens] for d in decodes]))
+        offset = len(decodes)
+        for item in items[len(decodes):]:
+            start, n = item.seq.num_computed_tokens, item.num_new_tokens
+            groups.append(self._group(slice(offset, offset + n), [item.seq], [list(range(start, start + n))]))
+            offset += n
+        rows = [SamplerRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids, self.eos_token_ids)
+                for s in sample_seqs]
+        return PreparedBatch(
+            input_ids=self._tensor(input_ids), positions=self._tensor(positions),
+            meta=AttentionMetadata(self._tensor(slots), groups),
+            sample_indices=self._tensor(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows)
+
+    def _group(self, tokens: slice, seqs: list[Sequence], query_positions: list[list[int]]) -> AttentionGroup:
+        # Every key position 0..max context of each row, mapped through its block table to a cache slot.
+        bs = self.block_size
+        num_keys = max(q[-1] for q in query_positions) + 1
+        num_blocks = -(-num_keys // bs)
+        tables = [s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table[:num_blocks])) for s in seqs]
+        tables = self._tensor(tables)
+        key_slots = (tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(len(seqs), -1)[:, :num_keys]
+        return AttentionGroup(tokens, key_slots, self._tensor(query_positions))
+
+    def _tensor(self, data) -> torch.Tensor:
+        t = torch.tensor(data, dtype=torch.long)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    @torch.inference_mode()
+    def run(self, batch: PreparedBatch) -> dict[Sequence, SampledToken]:
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        if not batch.sample_seqs:
+            return {}
+        logits = self.model.compute_logits(hidden[batch.sample_indices])
+        return dict(zip(batch.sample_seqs, sample(logits, batch.sampler_rows)))

@@ -1,0 +1,1 @@
+"""Model architectures lmserve runs with its own forward pass."""

@@ -1,0 +1,189 @@
+"""SamplingParams (validated, with messages that say what is allowed) and the batched sampler.
+
+The sampler turns a [B, V] float32 logits batch into one token per row. Every row draws its noise from
+its own torch.Generator, so a seeded request gives the same tokens whatever else is in the batch.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_LOGPROBS = 20
+_GREEDY_EPS = 1e-5
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses; frontends answer 400 / INVALID_ARGUMENT with its message."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = 16         # None: up to the context length
+    temperature: float = 1.0            # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = -1                     # -1 (or 0): all tokens
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0     # > 1 discourages tokens seen in prompt or output (HF semantics)
+    presence_penalty: float = 0.0       # OpenAI semantics, over output tokens
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None         # return the sampled token's logprob and this many top alternatives
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        if self.top_k == 0:
+            self.top_k = -1
+        _check(self.max_tokens is None or _is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
+               f"max_tokens must be an integer >= 1; got {self.max_tokens!r}")
+        _check(_is_num(self.temperature) and 0 <= self.temperature <= 100, "temperature",
+               f"temperature must be between 0 and 100; got {self.temperature!r}")
+        _check(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1]; got {self.top_p!r}")
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k",
+               f"top_k must be -1 or 0 (disabled) or a positive integer; got {self.top_k!r}")
+        _check(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1]; got {self.min_p!r}")
+        _check(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
+               f"repetition_penalty must be in (0, 10]; got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_num(value) and -2 <= value <= 2, name, f"{name} must be between -2 and 2; got {value!r}")
+        _check(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer; got {self.seed!r}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop must be a list of non-empty strings")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+               "stop_token_ids must be a list of non-negative integers")
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+               f"min_tokens must be an integer >= 0; got {self.min_tokens!r}")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+               f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        _check(self.logprobs is None or _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+               f"logprobs must be between 0 and {MAX_LOGPROBS}; got {self.logprobs!r}")
+        _check(all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias",
+               "logit_bias values must be between -100 and 100")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check(ok: bool, param: str, message: str):
+    if not ok:
+        raise InvalidRequestError(message, param)
+
+
+@dataclass
+class SamplerRow:
+    """What the sampler needs of one sequence."""
+    params: SamplingParams
+    generator: torch.Generator
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] | None = None
+
+
+def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
+    # logits: [B, V] float32, one row per entry of rows
+    raw_logits = logits
+    logits = _apply_penalties_and_bias(logits.clone(), rows)
+    temperatures = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows],
+                                device=logits.device)
+    probs = torch.softmax(_apply_filters(logits / temperatures[:, None], rows), dim=-1)
+    token_ids = []
+    for i, row in enumerate(rows):
+        if row.params.greedy:
+            token_ids.append(logits[i].argmax())
+        else:
+            # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p; the noise is per row.
+            noise = torch.empty_like(probs[i]).exponential_(generator=row.generator)
+            token_ids.append((probs[i] / noise).argmax())
+    token_ids = torch.stack(token_ids)
+    out = [SampledToken(t) for t in token_ids.tolist()]
+    want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if want:
+        logprobs = torch.log_softmax(raw_logits[want], dim=-1)
+        chosen = logprobs.gather(1, token_ids[want][:, None]).squeeze(1).tolist()
+        k = max(rows[i].params.logprobs for i in want)
+        top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
+        for j, i in enumerate(want):
+            n = rows[i].params.logprobs
+            out[i].logprob = chosen[j]
+            out[i].top_logprobs = dict(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist()))
+    return out
+
+
+def _apply_penalties_and_bias(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.logit_bias:
+            ids = torch.tensor([t for t in p.logit_bias if t < vocab], dtype=torch.long, device=logits.device)
+            vals = torch.tensor([v for t, v in p.logit_bias.items() if t < vocab], device=logits.device)
+            logits[i].index_add_(0, ids, vals)
+        if len(row.output_token_ids) < p.min_tokens:
+            banned = [t for t in p.stop_token_ids if t < vocab]
+            if not p.ignore_eos:
+                banned += list(row.eos_token_ids)
+            logits[i, banned] = -math.inf
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), device=logits.device)
+            scores = logits[i, seen]
+            logits[i, seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+            counts = torch.bincount(torch.tensor(row.output_token_ids, device=logits.device), minlength=vocab)[:vocab]
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def _apply_filters(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:
+    top_k = [r.params.top_k for r in rows]
+    top_p = [r.params.top_p for r in rows]
+    min_p = [r.params.min_p for r in rows]
+    if all(k == -1 for k in top_k) and all(p >= 1.0 for p in top_p) and not any(min_p):
+        return logits
+    device = logits.device
+    return filter_logits(logits, torch.tensor(top_k, device=device), torch.tensor(top_p, device=device),
+                         torch.tensor(min_p, device=device))
+
+
+def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask to -inf what top_k ([B], -1 off), top_p ([B], mass kept) and min_p ([B], share of the max) drop."""
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)[None, :]
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    drop = rank >= k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs   # probability mass of strictly better tokens
+    drop |= mass_before >= top_p[:, None]
+    drop |= probs < min_p[:, None] * probs[:, :1]
+    drop[:, 0] = False                            # the best token always survives
+    return logits.scatter(1, order, sorted_logits.masked_fill(drop, -math.inf))
