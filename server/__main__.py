@@ -1,0 +1,84 @@
+"""python -m server: parse flags, build ONE engine, serve it over HTTP on a uvloop event loop."""
+import argparse
+import asyncio
+import logging
+import sys
+
+from server.config import DTYPES, EngineConfig
+
+log = logging.getLogger("lmserve")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    d = EngineConfig()
+    p = argparse.ArgumentParser(prog="python -m server", description="lmserve: serve a Llama-family model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="Hugging Face checkpoint directory (safetensors); default: the embedded tiny model, built on first run")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help="most sequences per engine step; the batcher releases new requests at this count")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="longest a new request waits for others to batch with")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens,
+                   help="token budget per engine step; longer prompts are prefilled in chunks")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV cache size in tokens (overrides --kv-cache-memory-fraction)")
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
+                   help="share of free memory for the KV cache (default 0.9 on CUDA, 0.2 of RAM on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+    p.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                   help="weight and activation dtype; auto: float32 on CPU, the checkpoint's dtype on CUDA")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the requests that bring no seed of their own")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p.parse_args(argv)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+
+
+async def serve(args: argparse.Namespace):
+    import uvicorn
+
+    from server.engine import AsyncEngine
+    from server.http.app import build_app
+
+    engine = AsyncEngine(engine_config(args))
+    config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=False)
+    server = uvicorn.Server(config)
+    log.info("lmserve serving %s on http://%s:%d", engine.model_path, args.host, args.port)
+    try:
+        await server.serve()
+    finally:
+        await engine.shutdown()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = engine_config(args)  # validate flags before loading anything
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    del config
+    try:
+        import uvloop
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""HTTP frontend (starlette): translates requests to engine.generate() calls and back."""

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random-weight checkpoints of each supported architecture and the HF reference."""
+import asyncio
+import os
+import random
+
+import pytest
+import torch
+
+from server.default_model import build_checkpoint
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+ARCHS = {
+    # GQA + llama3 rope scaling with a short original context, so the scaling matters at these lengths
+    "llama": dict(architecture="LlamaForCausalLM", rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    # a 24-token sliding window, which long prompts cross; sharded safetensors
+    "mistral": dict(architecture="MistralForCausalLM", sliding_window=24, num_shards=3),
+    # q/k/v bias, tied embeddings, linear rope scaling
+    "qwen2": dict(architecture="Qwen2ForCausalLM", tie_word_embeddings=True,
+                  rope_scaling={"rope_type": "linear", "factor": 2.0}),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ.setdefault("LMSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("lmserve-cache")))
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: str(build_checkpoint(root / name, seed=i, std=0.15, **TINY, **spec))
+            for i, (name, spec) in enumerate(ARCHS.items())}
+
+
+@pytest.fixture(scope="session")
+def llama(checkpoints) -> str:
+    return checkpoints["llama"]
+
+
+class HFReference:
+    """Hugging Face transformers on the same weights: the ground truth for greedy output."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForCausalLM
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int, eos: bool = True) -> list[int]:
+        ids = torch.tensor([prompt_ids])
+        kwargs = {} if eos else {"eos_token_id": None}
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=2, **kwargs)
+        return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def hf_reference(checkpoints):
+    cache = {}
+
+    def get(name: str) -> HFReference:
+        if name not in cache:
+            cache[name] = HFReference(checkpoints[name])
+        return cache[name]
+    return get
+
+
+def random_prompts(n: int, lengths, seed: int = 0, low: int = 5, high: int = 400) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(low, high) for _ in range(rng.choice(lengths))] for _ in range(n)]
+
+
+async def collect(engine, prompt, params, request_id=None):
+    """Run one request to the end: (token ids, text, last delta)."""
+    tokens, text, last = [], "", None
+    async for out in engine.generate(prompt, params, request_id):
+        tokens += out.token_ids
+        text += out.text
+        last = out
+    return tokens, text, last
+
+
+def run(coro):
+    return asyncio.run(coro)

@@ -1,0 +1,232 @@
+"""AsyncEngine end to end on CPU: greedy output equals Hugging Face transformers token for token."""
+import asyncio
+
+import pytest
+
+from server.config import EngineConfig
+from server.engine import AsyncEngine
+from server.sampling import InvalidRequestError, SamplingParams
+from tests.conftest import collect, random_prompts, run
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+def make_engine(path, **kw) -> AsyncEngine:
+    return AsyncEngine(EngineConfig(model=path, max_wait_ms=1, **kw))
+
+
+def assert_all_blocks_free(engine: AsyncEngine):
+    bm = engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(b.ref_count == 0 for b in bm.blocks)
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not len(engine.batcher)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_batch_submitted_together_matches_hf(checkpoints, hf_reference, arch):
+    engine = make_engine(checkpoints[arch], kv_cache_tokens=2048)
+    prompts = random_prompts(5, [3, 9, 17, 33, 40], seed=1)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts))
+    results = run(main())
+    ref = hf_reference(arch)
+    for prompt, (tokens, _, last) in zip(prompts, results):
+        assert tokens == ref.greedy(prompt, GREEDY.max_tokens)
+        assert last.finished and last.finish_reason in ("stop", "length")
+    assert_all_blocks_free(engine)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_staggered_arrivals_while_others_decode_match_hf(checkpoints, hf_reference, arch):
+    engine = make_engine(checkpoints[arch], kv_cache_tokens=2048)
+    prompts = random_prompts(4, [5, 12, 30], seed=2)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    async def main():
+        results = [None] * len(prompts)
+        started = [asyncio.Event() for _ in prompts]
+
+        async def one(i):
+            tokens = []
+            async for out in engine.generate(prompts[i], params):
+                tokens += out.token_ids
+                if len(tokens) == 3 * (i + 1) and i + 1 < len(prompts):
+                    started[i + 1].set()  # the next request arrives while this one is mid-decode
+            results[i] = tokens
+
+        async def staggered(i):
+            if i:
+                await started[i].wait()
+            await one(i)
+        await asyncio.gather(*(staggered(i) for i in range(len(prompts))))
+        return results
+    results = run(main())
+    ref = hf_reference(arch)
+    for prompt, tokens in zip(prompts, results):
+        assert tokens == ref.greedy(prompt, params.max_tokens, eos=False)
+    assert_all_blocks_free(engine)
+
+
+def test_preemption_under_a_tiny_kv_cache_keeps_output_identical(llama, hf_reference):
+    # 6 blocks of 16 tokens for 4 sequences that each grow to ~50 tokens: the newest get preempted.
+    engine = make_engine(llama, kv_cache_tokens=96)
+    prompts = random_prompts(4, [18, 22, 25], seed=3)
+    params = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+    results = run(main())
+    assert engine.scheduler.num_preemptions > 0
+    ref = hf_reference("llama")
+    for prompt, (tokens, _, _) in zip(prompts, results):
+        assert tokens == ref.greedy(prompt, params.max_tokens, eos=False)
+    assert_all_blocks_free(engine)
+
+
+def test_prompt_longer_than_the_chunk_budget_is_prefilled_in_chunks(llama, hf_reference):
+    engine = make_engine(llama, kv_cache_tokens=2048, max_num_batched_tokens=16)
+    long_prompt, short_prompt = random_prompts(1, [70], seed=4)[0], random_prompts(1, [6], seed=5)[0]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+
+    async def main():
+        short_steps, long_steps, long_may_start = [], [], asyncio.Event()
+
+        async def consume(prompt, steps, after=None):
+            if after is not None:
+                await after.wait()
+            tokens = []
+            async for out in engine.generate(prompt, params):
+                tokens += out.token_ids
+                steps.append(engine.num_steps)
+                if len(tokens) == 2:
+                    long_may_start.set()
+            return tokens
+        short, long = await asyncio.gather(
+            consume(short_prompt, short_steps),
+            consume(long_prompt, long_steps, after=long_may_start))
+        return short, long, short_steps, long_steps
+    short_tokens, long_tokens, short_steps, long_steps = run(main())
+    ref = hf_reference("llama")
+    assert long_tokens == ref.greedy(long_prompt, 30, eos=False)
+    assert short_tokens == ref.greedy(short_prompt, 30, eos=False)
+    # 70 prompt tokens under a 16-token budget (one of them spent on the running decode) take 5 steps,
+    # and the running request got a token in each of them.
+    during_prefill = [s for s in short_steps if long_steps[0] - 5 < s < long_steps[0]]
+    assert len(during_prefill) == 4
+    assert_all_blocks_free(engine)
+
+
+def test_prefix_cache_hit_reports_cached_tokens_and_same_output(llama, hf_reference):
+    engine = make_engine(llama, kv_cache_tokens=2048)
+    prefix = random_prompts(1, [50], seed=6)[0]           # 3 full blocks and 2 tokens
+    first, second = prefix + [7, 8, 9], prefix + [11, 12]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    async def main():
+        a = await collect(engine, first, params)
+        b = await collect(engine, second, params)
+        return a, b
+    (tokens_a, _, last_a), (tokens_b, _, last_b) = run(main())
+    assert last_a.num_cached_tokens == 0
+    assert last_b.num_cached_tokens >= 48
+    ref = hf_reference("llama")
+    assert tokens_a == ref.greedy(first, 10, eos=False)
+    assert tokens_b == ref.greedy(second, 10, eos=False)
+    assert_all_blocks_free(engine)
+
+
+def test_prefix_cache_shares_blocks_between_concurrent_requests(llama):
+    engine = make_engine(llama, kv_cache_tokens=2048)
+    system = random_prompts(1, [64], seed=7)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        await collect(engine, system + [5], params)      # warms the cache
+        return await asyncio.gather(*(collect(engine, system + [6 + i], params) for i in range(8)))
+    results = run(main())
+    assert all(last.num_cached_tokens == 64 for _, _, last in results)
+    assert_all_blocks_free(engine)
+
+
+def test_abort_frees_blocks_and_ends_the_stream(llama):
+    engine = make_engine(llama, kv_cache_tokens=2048)
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        seen = []
+        async for out in engine.generate(random_prompts(1, [40])[0], params, request_id="r1"):
+            seen.append(out)
+            if len(seen) == 3:
+                engine.abort("r1")
+
+        async def client_that_goes_away():
+            async for _ in engine.generate([5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True)):
+                pass
+        task = asyncio.create_task(client_that_goes_away())
+        while engine.block_manager.num_free_blocks == engine.block_manager.num_blocks:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return seen
+    seen = run(main())
+    assert seen[-1].finished and seen[-1].finish_reason == "abort"
+    assert_all_blocks_free(engine)
+
+
+def test_stop_strings_stop_token_ids_and_min_tokens(llama):
+    engine = make_engine(llama, kv_cache_tokens=2048)
+    prompt = random_prompts(1, [10], seed=8)[0]
+
+    async def main():
+        free_tokens, free_text, _ = await collect(engine, prompt, SamplingParams(temperature=0, max_tokens=30,
+                                                                                 ignore_eos=True))
+        stop = free_text[5:8]
+        _, text, last = await collect(engine, prompt, SamplingParams(temperature=0, max_tokens=30, stop=[stop],
+                                                                     ignore_eos=True))
+        _, _, by_id = await collect(engine, prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                                   stop_token_ids=[free_tokens[4]]))
+        min_tok, _, _ = await collect(engine, prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                                     stop_token_ids=[free_tokens[0]], min_tokens=3))
+        return free_tokens, free_text, stop, text, last, by_id, min_tok
+    free_tokens, free_text, stop, text, last, by_id, min_tok = run(main())
+    assert text == free_text[:free_text.index(stop)]
+    assert last.finish_reason == "stop" and last.stop_reason == stop
+    first_hit = free_tokens.index(free_tokens[4])
+    assert by_id.finish_reason == "stop" and by_id.num_output_tokens == first_hit + 1
+    assert by_id.stop_reason == free_tokens[4]
+    assert len(min_tok) >= 3 and free_tokens[0] not in min_tok[:3]
+    assert_all_blocks_free(engine)
+
+
+def test_invalid_requests_get_clear_errors(llama):
+    engine = make_engine(llama, kv_cache_tokens=2048, max_model_len=128)
+
+    async def first_error(prompt, params):
+        with pytest.raises(InvalidRequestError) as info:
+            await collect(engine, prompt, params)
+        return info.value
+
+    async def main():
+        errors = [await first_error([1] * 200, SamplingParams()),
+                  await first_error([1] * 100, SamplingParams(max_tokens=50)),
+                  await first_error([], SamplingParams()),
+                  await first_error([10**9], SamplingParams())]
+        ok, _, _ = await collect(engine, [5, 6], SamplingParams(max_tokens=2))  # still serving
+        return errors, ok
+    errors, ok = run(main())
+    assert "maximum context length is 128" in str(errors[0]) and "200 tokens" in str(errors[0])
+    assert "max_tokens must be between 1 and 28" in str(errors[1]) and errors[1].param == "max_tokens"
+    assert "must not be empty" in str(errors[2])
+    assert "token ids must be integers in [0, " in str(errors[3])
+    assert len(ok) == 2
+    assert_all_blocks_free(engine)
+
+
+def test_text_prompt_and_incremental_text_match_full_decode(llama):
+    engine = make_engine(llama, kv_cache_tokens=2048)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    tokens, text, last = run(collect(engine, "Hello, café 😀", params))
+    assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+    assert last.num_prompt_tokens == len(engine.tokenizer.encode("Hello, café 😀"))
