@@ -1,0 +1,71 @@
+"""Loader: sharded safetensors, our logits equal HF's, clear errors for what is not supported."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from server.loader import CheckpointError, load_model
+from server.models.model_config import UnsupportedModelError
+from tests.conftest import random_prompts
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_logits_match_hf_for_a_full_prompt(checkpoints, hf_reference, arch):
+    from batching.scheduler import ScheduledSequence, SchedulerOutput
+    from server.kv_cache import BlockManager
+    from server.model_runner import ModelRunner
+    from server.sampling import SamplingParams
+    from server.sequence import Sequence
+
+    model = load_model(checkpoints[arch], torch.float32, torch.device("cpu"), 512)
+    cfg = model.config
+    caches = [torch.zeros(2, 16, 16, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
+    runner = ModelRunner(model, caches, 16, torch.device("cpu"), (1,))
+    prompt = random_prompts(1, [60], seed=11)[0]          # longer than mistral's 24-token window
+    s = Sequence("x", prompt, SamplingParams(), torch.Generator(), 4)
+    bm = BlockManager(16, 16)
+    bm.allocate(s, bm.find_prefix(s), len(prompt))
+    batch = runner.prepare(SchedulerOutput([ScheduledSequence(s, len(prompt))]))
+    with torch.inference_mode():
+        hidden = model(batch.input_ids, batch.positions, caches, batch.meta)
+        ours = model.compute_logits(hidden)
+        theirs = hf_reference(arch).model(torch.tensor([prompt])).logits[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_unsupported_architecture_names_what_is_supported(llama, tmp_path):
+    shutil.copytree(llama, tmp_path / "m", dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        load_model(tmp_path / "m", torch.float32, torch.device("cpu"), 64)
+
+
+def test_pickled_weights_are_refused(llama, tmp_path):
+    shutil.copytree(llama, tmp_path / "m", dirs_exist_ok=True)
+    (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="never loads pickled weights"):
+        load_model(tmp_path / "m", torch.float32, torch.device("cpu"), 64)
+
+
+def test_missing_tensor_and_not_a_checkpoint_are_clear_errors(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(llama, tmp_path / "m", dirs_exist_ok=True)
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="lacks 1 tensors, e.g. model.norm.weight"):
+        load_model(tmp_path / "m", torch.float32, torch.device("cpu"), 64)
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"), 64)
+
+
+def test_unsupported_rope_scaling_is_named(llama, tmp_path):
+    shutil.copytree(llama, tmp_path / "m", dirs_exist_ok=True)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="unsupported rope_scaling type 'dynamic'"):
+        load_model(tmp_path / "m", torch.float32, torch.device("cpu"), 64)

@@ -1,0 +1,98 @@
+"""python -m server as a newcomer runs it: starts on the default model, serves, documents every flag."""
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--kv-cache-tokens", "4096"],
+                            cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited: {proc.stdout.read().decode()}")
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("server did not become healthy in 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_serves_the_default_model(server_url):
+    status, body = post(server_url + "/generate", {"prompt": "Hello", "max_tokens": 5, "temperature": 0,
+                                                   "ignore_eos": True})
+    assert status == 200 and len(body["token_ids"]) == 5 and body["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+    status, again = post(server_url + "/generate", {"prompt": "Hello", "max_tokens": 5, "temperature": 0,
+                                                    "ignore_eos": True})
+    assert again["token_ids"] == body["token_ids"]
+
+
+def test_streaming_sends_deltas_then_done(server_url):
+    req = urllib.request.Request(server_url + "/generate", json.dumps(
+        {"prompt": "Hi", "max_tokens": 4, "stream": True, "ignore_eos": True, "seed": 3}).encode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        events = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e) for e in events[:-1]]
+    assert sum(len(d["token_ids"]) for d in deltas) == 4 and deltas[-1]["finish_reason"] == "length"
+
+
+def test_bad_input_is_a_400_and_the_server_keeps_serving(server_url):
+    status, body = post(server_url + "/generate", {"prompt": "Hello", "max_tokens": 100000})
+    assert status == 400 and body["error"]["param"] == "max_tokens" and "between 1 and" in body["error"]["message"]
+    status, body = post(server_url + "/generate", {"prompt": "Hello", "temperature": "hot"})
+    assert status == 400 and body["error"]["param"] == "temperature"
+    status, body = post(server_url + "/generate", {"prompt": "Hello", "bogus": 1})
+    assert status == 400 and "bogus" in body["error"]["message"]
+    assert post(server_url + "/generate", {"prompt": "Hello", "max_tokens": 2})[0] == 200
+
+
+def test_every_flag_is_in_help_and_in_the_readme():
+    help_text = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout
+    flags = set(re.findall(r"--[a-z][a-z0-9-]+", help_text)) - {"--help"}
+    readme = (ROOT / "README.md").read_text()
+    assert flags and all(f"`{flag}" in readme for flag in flags), flags
+
+
+def test_bad_flag_value_exits_with_a_message():
+    proc = subprocess.run([sys.executable, "-m", "server", "--max-batch-size", "0"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "max_batch_size must be a positive integer" in proc.stderr
