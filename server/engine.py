@@ -115,6 +115,8 @@ class AsyncEngine:
         return self._loop_task is None or not self._loop_task.done()
 
     async def shutdown(self):
+        for request_id in list(self._requests):
+            self.abort(request_id)
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
@@ -162,6 +164,18 @@ class AsyncEngine:
             self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="lmserve-step-loop")
 
     async def _step_loop(self):
+        try:
+            await self._run_steps()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the loop itself died: nobody may wait on it forever
+            log.exception("engine step loop died")
+            for request_id, req in list(self._requests.items()):
+                del self._requests[request_id]
+                req.queue.put_nowait(RuntimeError(f"the engine stopped: {exc}"))
+            raise
+
+    async def _run_steps(self):
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()

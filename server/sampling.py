@@ -113,18 +113,15 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
     # logits: [B, V] float32, one row per entry of rows
     raw_logits = logits
     logits = _apply_penalties_and_bias(logits.clone(), rows)
-    temperatures = torch.tensor([1.0 if r.params.greedy else r.params.temperature for r in rows],
-                                device=logits.device)
-    probs = torch.softmax(_apply_filters(logits / temperatures[:, None], rows), dim=-1)
-    token_ids = []
-    for i, row in enumerate(rows):
-        if row.params.greedy:
-            token_ids.append(logits[i].argmax())
-        else:
-            # Exponential-race sampling: argmax(p / E) with E ~ Exp(1) draws from p; the noise is per row.
-            noise = torch.empty_like(probs[i]).exponential_(generator=row.generator)
-            token_ids.append((probs[i] / noise).argmax())
-    token_ids = torch.stack(token_ids)
+    token_ids = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        temperatures = torch.tensor([rows[i].params.temperature for i in sampled], device=logits.device)
+        probs = torch.softmax(_apply_filters(logits[sampled] / temperatures[:, None], [rows[i] for i in sampled]), -1)
+        for j, i in enumerate(sampled):
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p; the noise comes from the row's own RNG.
+            noise = torch.empty_like(probs[j]).exponential_(generator=rows[i].generator)
+            token_ids[i] = (probs[j] / noise).argmax()
     out = [SampledToken(t) for t in token_ids.tolist()]
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if want:

@@ -230,3 +230,39 @@ def test_text_prompt_and_incremental_text_match_full_decode(llama):
     tokens, text, last = run(collect(engine, "Hello, café 😀", params))
     assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
     assert last.num_prompt_tokens == len(engine.tokenizer.encode("Hello, café 😀"))
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama):
+    engine = make_engine(llama, kv_cache_tokens=2048)
+    real_run, calls = engine.runner.run, []
+
+    def flaky_run(batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real_run(batch)
+    engine.runner.run = flaky_run
+
+    async def main():
+        with pytest.raises(RuntimeError, match="failed in the engine: boom"):
+            await collect(engine, [5, 6, 7], SamplingParams(max_tokens=3))
+        result = await collect(engine, [5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))
+        return result, engine.health()
+    (tokens, _, _), healthy = run(main())
+    assert len(tokens) == 3 and healthy
+    assert_all_blocks_free(engine)
+
+
+def test_a_dead_step_loop_fails_waiting_requests_and_health(llama):
+    engine = make_engine(llama, kv_cache_tokens=2048)
+
+    def broken_prepare(out):
+        raise MemoryError("simulated")
+    engine.runner.prepare = broken_prepare
+
+    async def main():
+        with pytest.raises(RuntimeError, match="the engine stopped"):
+            await asyncio.wait_for(collect(engine, [5, 6, 7], SamplingParams(max_tokens=3)), timeout=10)
+        await asyncio.sleep(0)
+        return engine.health()
+    assert run(main()) is False
