@@ -3,6 +3,7 @@
 prepare() runs on the event loop (it reads sequences the loop owns); run() touches only the prepared
 tensors, so it can run in a worker thread while the loop keeps serving.
 """
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -34,10 +35,10 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> PreparedBatch:
         bs = self.block_size
-        # Decodes (one new token) first, as one attention group; then each prefill chunk as its own group.
-        items = sorted(out.scheduled, key=lambda s: s.num_new_tokens != 1)
+        # Sequences advancing by the same number of tokens form one attention group of B rows x n queries:
+        # all decodes (n = 1) are one group, and so are prompt chunks of equal length.
+        items = sorted(out.scheduled, key=lambda s: s.num_new_tokens)
         input_ids, positions, slots, sample_idx, sample_seqs, groups = [], [], [], [], [], []
-        decodes = [s for s in items if s.num_new_tokens == 1]
         for item in items:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             input_ids += seq.token_ids[start:start + n]
@@ -47,14 +48,12 @@ class ModelRunner:
             if item.samples:
                 sample_idx.append(len(input_ids) - 1)
                 sample_seqs.append(seq)
-        if decodes:
-            groups.append(self._group(slice(0, len(decodes)), [d.seq for d in decodes],
-                                      [[d.seq.num_computed_tokens] for d in decodes]))
-        offset = len(decodes)
-        for item in items[len(decodes):]:
-            start, n = item.seq.num_computed_tokens, item.num_new_tokens
-            groups.append(self._group(slice(offset, offset + n), [item.seq], [list(range(start, start + n))]))
-            offset += n
+        offset = 0
+        for n, run in itertools.groupby(items, key=lambda s: s.num_new_tokens):
+            run = list(run)
+            queries = [list(range(s.seq.num_computed_tokens, s.seq.num_computed_tokens + n)) for s in run]
+            groups.append(self._group(slice(offset, offset + n * len(run)), [s.seq for s in run], queries))
+            offset += n * len(run)
         rows = [SamplerRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids, self.eos_token_ids)
                 for s in sample_seqs]
         return PreparedBatch(

@@ -1,7 +1,7 @@
 """Attention over the paged KV cache (plain-torch path): write new K/V into their slots, read K/V by block table.
 
-The model runner puts decodes first in the flat batch, then each prefill chunk, and describes them as
-AttentionGroups: a decode group is B rows of one query each, a prefill chunk is one row of n queries.
+The model runner lays the flat batch out as AttentionGroups: B sequences that each advance by the same n
+tokens, contiguous in the batch. All decodes form one group (n = 1); prompt chunks of equal length another.
 """
 from dataclasses import dataclass, field
 

@@ -1,0 +1,1 @@
+"""Benchmarks: they print figures; targets live here, never in timed unit tests."""
