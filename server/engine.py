@@ -39,17 +39,20 @@ class _Request:
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        self.device = _resolve_device(config.device)
-        self.dtype = _resolve_dtype(config.dtype, self.device, config.model)
         if config.model is None:
             from server.default_model import ensure_default_model
             self.model_path = str(ensure_default_model())
         else:
             self.model_path = config.model
         hf_config = load_hf_config(self.model_path)
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device, hf_config)
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)
         self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
+        if self.max_model_len > hf_config.max_position_embeddings:
+            raise ValueError(f"max_model_len must be at most the model's max_position_embeddings "
+                             f"({hf_config.max_position_embeddings}); got {self.max_model_len}")
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
         mc = self.model.config
         self.vocab_size = mc.vocab_size
@@ -242,15 +245,12 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _resolve_dtype(dtype: str, device: torch.device, model_path: str | None) -> torch.dtype:
+def _resolve_dtype(dtype: str, device: torch.device, hf_config) -> torch.dtype:
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cpu":
         return torch.float32
-    if model_path is not None:
-        checkpoint_dtype = getattr(load_hf_config(model_path), "dtype", None) or torch.float16
-        if isinstance(checkpoint_dtype, str):
-            checkpoint_dtype = getattr(torch, checkpoint_dtype)
-        if checkpoint_dtype in (torch.float16, torch.bfloat16):
-            return checkpoint_dtype
-    return torch.float16
+    checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.float16

@@ -1,5 +1,6 @@
 """AsyncEngine end to end on CPU: greedy output equals Hugging Face transformers token for token."""
 import asyncio
+import os
 
 import pytest
 
@@ -266,3 +267,72 @@ def test_a_dead_step_loop_fails_waiting_requests_and_health(llama):
         await asyncio.sleep(0)
         return engine.health()
     assert run(main()) is False
+
+
+def test_max_model_len_beyond_the_model_is_refused(llama):
+    with pytest.raises(ValueError, match=r"max_model_len must be at most the model's max_position_embeddings \(512\)"):
+        make_engine(llama, kv_cache_tokens=256, max_model_len=4096)
+
+
+def test_auto_dtype_follows_the_device_and_checkpoint():
+    import torch
+    from types import SimpleNamespace
+    from server.engine import _resolve_dtype
+    assert _resolve_dtype("auto", torch.device("cpu"), SimpleNamespace(dtype="bfloat16")) is torch.float32
+    assert _resolve_dtype("auto", torch.device("cuda"), SimpleNamespace(dtype="bfloat16")) is torch.bfloat16
+    assert _resolve_dtype("auto", torch.device("cuda"), SimpleNamespace(dtype="float32")) is torch.float16
+    assert _resolve_dtype("float16", torch.device("cpu"), SimpleNamespace()) is torch.float16
+
+
+def test_random_mixed_traffic_with_cancellations_and_preemption(llama, hf_reference):
+    import random
+    rng = random.Random(int(os.environ.get("LMSERVE_SOAK_SEED", 42)))
+    engine = make_engine(llama, kv_cache_tokens=256, max_num_batched_tokens=40, max_batch_size=12)
+    shared = random_prompts(1, [35], seed=12)[0]
+    specs = []
+    for i in range(60):
+        prompt = (shared[:rng.choice([16, 33])] if rng.random() < 0.4 else []) + random_prompts(1, [1, 7, 20, 45], seed=100 + i)[0]
+        greedy = rng.random() < 0.5
+        params = SamplingParams(temperature=0 if greedy else 0.9, top_p=0.9, max_tokens=rng.randint(1, 25),
+                                ignore_eos=True, seed=i, stop=["zz"] if rng.random() < 0.2 else [])
+        cancel_after = rng.choice([None, None, None, 0.0, 0.01, 0.05])
+        specs.append((prompt, params, cancel_after))
+
+    async def main():
+        async def one(prompt, params, cancel_after):
+            await asyncio.sleep(rng.random() * 0.05)
+            task = asyncio.create_task(collect(engine, prompt, params))
+            if cancel_after is not None:
+                await asyncio.sleep(cancel_after)
+                task.cancel()
+            try:
+                return await task
+            except asyncio.CancelledError:
+                return None
+        return await asyncio.gather(*(one(*s) for s in specs))
+    results = run(main())
+    assert engine.scheduler.num_preemptions > 0
+    ref = hf_reference("llama")
+    checked = 0
+    for (prompt, params, _), result in zip(specs, results):
+        if result is None:
+            continue
+        tokens, _, last = result
+        assert last.finished
+        if params.greedy and not params.stop:
+            assert tokens == ref.greedy(prompt, params.max_tokens, eos=False)
+            checked += 1
+    assert checked >= 5
+    assert_all_blocks_free(engine)
+    assert not engine._requests
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_dtypes_run_and_agree_with_float32_on_the_first_tokens(llama, dtype):
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = random_prompts(1, [20], seed=13)[0]
+    full = run(collect(make_engine(llama, kv_cache_tokens=256), prompt, params))[0]
+    half_engine = make_engine(llama, kv_cache_tokens=256, dtype=dtype)
+    half = run(collect(half_engine, prompt, params))[0]
+    assert half_engine.runner.kv_caches[0].dtype == getattr(__import__("torch"), dtype)
+    assert half[:2] == full[:2]
