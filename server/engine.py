@@ -196,14 +196,16 @@ class AsyncEngine:
                 continue
             batch = self.runner.prepare(out)
             try:
-                sampled = await loop.run_in_executor(self._executor, self.runner.run, batch)
+                result = await loop.run_in_executor(self._executor, self.runner.run, batch)
             except Exception as exc:  # one bad step fails the requests in it, not the server
                 log.exception("engine step failed")
                 self._fail(out, exc)
                 continue
             self.num_steps += 1
-            for seq in self.scheduler.update(out, sampled, self.eos_token_ids):
-                self._emit(seq, sampled[seq])
+            for seq, scored in result.prompt_logprobs.items():
+                seq.prompt_logprobs.extend(scored)
+            for seq in self.scheduler.update(out, result.sampled, self.eos_token_ids):
+                self._emit(seq, result.sampled[seq])
 
     def _emit(self, seq: Sequence, token: SampledToken):
         req = self._requests.get(seq.request_id)
@@ -215,7 +217,10 @@ class AsyncEngine:
             self.scheduler.finish(seq, FinishReason.STOP)
             text += req.stop_matcher.feed(req.detokenizer.text, final=True)
         logprobs = [token] if seq.params.logprobs is not None else None
-        req.queue.put_nowait(self._output(req, [token.token_id], logprobs, text))
+        out = self._output(req, [token.token_id], logprobs, text)
+        if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
+            out.prompt_logprobs = [None] + seq.prompt_logprobs
+        req.queue.put_nowait(out)
         if seq.is_finished:
             del self._requests[seq.request_id]
 

@@ -63,7 +63,7 @@ class BlockManager:
     def find_prefix(self, seq: Sequence) -> PrefixHit:
         """Longest run of cached full blocks at the start of seq; at least one token is left to compute."""
         hit = PrefixHit()
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:  # needs logits at every position
             return hit
         parent = None
         for i in range((seq.num_tokens - 1) // self.block_size):

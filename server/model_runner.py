@@ -10,7 +10,7 @@ import torch
 
 from batching.scheduler import SchedulerOutput
 from server.layers.attention import AttentionGroup, AttentionMetadata
-from server.sampling import SampledToken, SamplerRow, sample
+from server.sampling import SampledToken, SamplerRow, sample, token_logprobs
 from server.sequence import Sequence
 
 
@@ -22,6 +22,13 @@ class PreparedBatch:
     sample_indices: torch.Tensor     # [B'] rows of the flat batch whose logits are sampled
     sample_seqs: list[Sequence]
     sampler_rows: list[SamplerRow]
+    prompt_scoring: list[tuple[Sequence, torch.Tensor, torch.Tensor]]  # (seq, batch rows, next prompt tokens)
+
+
+@dataclass
+class StepResult:
+    sampled: dict[Sequence, SampledToken]
+    prompt_logprobs: dict[Sequence, list[SampledToken]]
 
 
 class ModelRunner:
@@ -38,9 +45,15 @@ class ModelRunner:
         # Sequences advancing by the same number of tokens form one attention group of B rows x n queries:
         # all decodes (n = 1) are one group, and so are prompt chunks of equal length.
         items = sorted(out.scheduled, key=lambda s: s.num_new_tokens)
-        input_ids, positions, slots, sample_idx, sample_seqs, groups = [], [], [], [], [], []
+        input_ids, positions, slots, sample_idx, sample_seqs, groups, scoring = [], [], [], [], [], [], []
         for item in items:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            if seq.params.prompt_logprobs is not None:
+                # Position p's logits score prompt token p + 1; positions already scored (before a preemption) are not redone.
+                first, end = max(start, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt_tokens - 1)
+                if first < end:
+                    rows = range(len(input_ids) + first - start, len(input_ids) + end - start)
+                    scoring.append((seq, self._tensor(list(rows)), self._tensor(seq.token_ids[first + 1:end + 1])))
             input_ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             table = seq.block_table
@@ -59,7 +72,7 @@ class ModelRunner:
         return PreparedBatch(
             input_ids=self._tensor(input_ids), positions=self._tensor(positions),
             meta=AttentionMetadata(self._tensor(slots), groups),
-            sample_indices=self._tensor(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows)
+            sample_indices=self._tensor(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows, prompt_scoring=scoring)
 
     def _group(self, tokens: slice, seqs: list[Sequence], query_positions: list[list[int]]) -> AttentionGroup:
         # Every key position 0..max context of each row, mapped through its block table to a cache slot.
@@ -78,9 +91,14 @@ class ModelRunner:
         return t
 
     @torch.inference_mode()
-    def run(self, batch: PreparedBatch) -> dict[Sequence, SampledToken]:
+    def run(self, batch: PreparedBatch) -> StepResult:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        if not batch.sample_seqs:
-            return {}
-        logits = self.model.compute_logits(hidden[batch.sample_indices])
-        return dict(zip(batch.sample_seqs, sample(logits, batch.sampler_rows)))
+        sampled = {}
+        if batch.sample_seqs:
+            logits = self.model.compute_logits(hidden[batch.sample_indices])
+            sampled = dict(zip(batch.sample_seqs, sample(logits, batch.sampler_rows)))
+        prompt_logprobs = {
+            seq: token_logprobs(self.model.compute_logits(hidden[rows]), targets,
+                                [seq.params.prompt_logprobs] * len(targets))
+            for seq, rows, targets in batch.prompt_scoring}
+        return StepResult(sampled, prompt_logprobs)

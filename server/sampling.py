@@ -37,6 +37,7 @@ class SamplingParams:
     min_tokens: int = 0
     ignore_eos: bool = False
     logprobs: int | None = None         # return the sampled token's logprob and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for every prompt token (such requests skip the prefix cache)
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
 
@@ -71,6 +72,8 @@ class SamplingParams:
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         _check(self.logprobs is None or _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
                f"logprobs must be between 0 and {MAX_LOGPROBS}; got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None or _is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+               "prompt_logprobs", f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}; got {self.prompt_logprobs!r}")
         _check(all(-100 <= v <= 100 for v in self.logit_bias.values()), "logit_bias",
                "logit_bias values must be between -100 and 100")
 
@@ -125,15 +128,21 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
     out = [SampledToken(t) for t in token_ids.tolist()]
     want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if want:
-        logprobs = torch.log_softmax(raw_logits[want], dim=-1)
-        chosen = logprobs.gather(1, token_ids[want][:, None]).squeeze(1).tolist()
-        k = max(rows[i].params.logprobs for i in want)
-        top_vals, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], logprobs[:, :0].long())
-        for j, i in enumerate(want):
-            n = rows[i].params.logprobs
-            out[i].logprob = chosen[j]
-            out[i].top_logprobs = dict(zip(top_ids[j, :n].tolist(), top_vals[j, :n].tolist()))
+        scored = token_logprobs(raw_logits[want], token_ids[want], [rows[i].params.logprobs for i in want])
+        for i, s in zip(want, scored):
+            out[i] = s
     return out
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, num_top: list[int]) -> list[SampledToken]:
+    """Each row's log-probability of token_ids[row] under the model's raw distribution, with its top-N."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids[:, None]).squeeze(1).tolist()
+    k = max(num_top)
+    top_vals, top_ids = logprobs.topk(k, dim=-1)
+    top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+    return [SampledToken(t, c, dict(zip(ids[:n], vals[:n])))
+            for t, c, ids, vals, n in zip(token_ids.tolist(), chosen, top_ids, top_vals, num_top)]
 
 
 def _apply_penalties_and_bias(logits: torch.Tensor, rows: list[SamplerRow]) -> torch.Tensor:

@@ -36,6 +36,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    prompt_logprobs: list = field(default_factory=list)  # for prompt tokens 1.., when params.prompt_logprobs is set
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

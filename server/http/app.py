@@ -68,11 +68,18 @@ async def _sse(first: RequestOutput, stream):
         await stream.aclose()  # a disconnected client lands here: closing the stream aborts the request
 
 
+def _scored(t) -> dict | None:
+    if t is None:
+        return None
+    return {"token_id": t.token_id, "logprob": t.logprob, "top_logprobs": {str(k): v for k, v in t.top_logprobs.items()}}
+
+
 def _delta(out: RequestOutput) -> dict:
     d = {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}
     if out.logprobs is not None:
-        d["logprobs"] = [{"token_id": t.token_id, "logprob": t.logprob,
-                          "top_logprobs": {str(k): v for k, v in t.top_logprobs.items()}} for t in out.logprobs]
+        d["logprobs"] = [_scored(t) for t in out.logprobs]
+    if out.prompt_logprobs is not None:
+        d["prompt_logprobs"] = [_scored(t) for t in out.prompt_logprobs]
     if out.finished:
         d["usage"] = _usage(out)
     return d
@@ -84,6 +91,10 @@ def _merge(outputs: list[RequestOutput]) -> dict:
               "finish_reason": last.finish_reason, "usage": _usage(last)}
     if last.stop_reason is not None:
         merged["stop_reason"] = last.stop_reason
+    if outputs[0].logprobs is not None:
+        merged["logprobs"] = [_scored(t) for o in outputs for t in o.logprobs or []]
+    if outputs[0].prompt_logprobs is not None:
+        merged["prompt_logprobs"] = [_scored(t) for t in outputs[0].prompt_logprobs]
     return merged
 
 

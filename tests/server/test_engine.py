@@ -336,3 +336,28 @@ def test_half_precision_dtypes_run_and_agree_with_float32_on_the_first_tokens(ll
     half = run(collect(half_engine, prompt, params))[0]
     assert half_engine.runner.kv_caches[0].dtype == getattr(__import__("torch"), dtype)
     assert half[:2] == full[:2]
+
+
+def test_prompt_logprobs_match_hf_across_chunks_and_bypass_the_prefix_cache(llama, hf_reference):
+    import torch
+    engine = make_engine(llama, kv_cache_tokens=2048, max_num_batched_tokens=16)
+    prompt = random_prompts(1, [40], seed=14)[0]
+
+    async def main():
+        await collect(engine, prompt, SamplingParams(max_tokens=1))    # would make the prefix a cache hit
+        first = None
+        async for out in engine.generate(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2)):
+            first = first or out
+        return first
+    first = run(main())
+    assert first.num_cached_tokens == 0
+    scored = first.prompt_logprobs
+    assert len(scored) == len(prompt) and scored[0] is None
+    with torch.no_grad():
+        expected = torch.log_softmax(hf_reference("llama").model(torch.tensor([prompt])).logits[0].float(), -1)
+    for pos in range(1, len(prompt)):
+        entry = scored[pos]
+        assert entry.token_id == prompt[pos]
+        assert entry.logprob == pytest.approx(expected[pos - 1, prompt[pos]].item(), abs=1e-4)
+        assert list(entry.top_logprobs) == expected[pos - 1].topk(2).indices.tolist()
+    assert_all_blocks_free(engine)

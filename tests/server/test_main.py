@@ -64,6 +64,15 @@ def test_serves_the_default_model(server_url):
     assert again["token_ids"] == body["token_ids"]
 
 
+def test_logprobs_come_back_for_output_and_prompt(server_url):
+    status, body = post(server_url + "/generate", {"prompt": "Hello there", "max_tokens": 3, "temperature": 0,
+                                                   "logprobs": 2, "prompt_logprobs": 1, "ignore_eos": True})
+    assert status == 200 and len(body["logprobs"]) == 3
+    assert [e["token_id"] for e in body["logprobs"]] == body["token_ids"]
+    assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in body["logprobs"])
+    assert body["prompt_logprobs"][0] is None and len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"]
+
+
 def test_streaming_sends_deltas_then_done(server_url):
     req = urllib.request.Request(server_url + "/generate", json.dumps(
         {"prompt": "Hi", "max_tokens": 4, "stream": True, "ignore_eos": True, "seed": 3}).encode())
