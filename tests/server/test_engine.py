@@ -361,3 +361,32 @@ def test_prompt_logprobs_match_hf_across_chunks_and_bypass_the_prefix_cache(llam
         assert entry.logprob == pytest.approx(expected[pos - 1, prompt[pos]].item(), abs=1e-4)
         assert list(entry.top_logprobs) == expected[pos - 1].topk(2).indices.tolist()
     assert_all_blocks_free(engine)
+
+
+def test_the_event_loop_stays_responsive_during_a_long_step(llama):
+    import time
+    engine = make_engine(llama, kv_cache_tokens=256)
+    real_run = engine.runner.run
+
+    def slow_run(batch):
+        time.sleep(0.3)                       # a long forward pass, in the worker thread
+        return real_run(batch)
+    engine.runner.run = slow_run
+
+    async def main():
+        gaps, done = [], asyncio.Event()
+
+        async def ticker():
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+        tick = asyncio.create_task(ticker())
+        await collect(engine, [5, 6, 7], SamplingParams(max_tokens=2))
+        done.set()
+        await tick
+        return gaps
+    gaps = run(main())
+    assert len(gaps) > 100 and max(gaps) < 0.1
