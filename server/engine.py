@@ -17,6 +17,7 @@ import torch
 from batching.batcher import DynamicBatcher
 from batching.scheduler import Scheduler, SchedulerOutput
 from server.config import EngineConfig
+from server.host_memory import keep_freed_memory
 from server.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.loader import load_hf_config, load_model
 from server.model_runner import ModelRunner
@@ -46,6 +47,8 @@ class AsyncEngine:
             self.model_path = config.model
         hf_config = load_hf_config(self.model_path)
         self.device = _resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.dtype = _resolve_dtype(config.dtype, self.device, hf_config)
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)

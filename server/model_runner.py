@@ -75,14 +75,10 @@ class ModelRunner:
             sample_indices=self._tensor(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows, prompt_scoring=scoring)
 
     def _group(self, tokens: slice, seqs: list[Sequence], query_positions: list[list[int]]) -> AttentionGroup:
-        # Every key position 0..max context of each row, mapped through its block table to a cache slot.
-        bs = self.block_size
-        num_keys = max(q[-1] for q in query_positions) + 1
-        num_blocks = -(-num_keys // bs)
+        # Each row's blocks up to its last query, padded with block 0 (masked) to the group's longest.
+        num_blocks = -(-(max(q[-1] for q in query_positions) + 1) // self.block_size)
         tables = [s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table[:num_blocks])) for s in seqs]
-        tables = self._tensor(tables)
-        key_slots = (tables[:, :, None] * bs + torch.arange(bs, device=self.device)).view(len(seqs), -1)[:, :num_keys]
-        return AttentionGroup(tokens, key_slots, self._tensor(query_positions))
+        return AttentionGroup(tokens, self._tensor(tables), self._tensor(query_positions))
 
     def _tensor(self, data) -> torch.Tensor:
         t = torch.tensor(data, dtype=torch.long)
