@@ -115,7 +115,7 @@ class AsyncEngine:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
         else:
             self.scheduler.finish(seq, FinishReason.ABORT)
-        req.queue.put_nowait(self._output(req, [], [], ""))
+        req.queue.put_nowait(self._output(req, [], [] if seq.params.logprobs is not None else None, ""))
 
     def health(self) -> bool:
         return self._loop_task is None or not self._loop_task.done()
