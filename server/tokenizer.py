@@ -32,6 +32,12 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat prompt. The template writes any BOS itself, so none is added on top of it."""
+    text = render_chat(tokenizer, messages, add_generation_prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 class IncrementalDetokenizer:
     """Turns a growing token list into text deltas.
 

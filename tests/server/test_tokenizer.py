@@ -1,6 +1,6 @@
 """Incremental detokenization (multi-byte characters split across tokens), chat template, stop strings."""
 from server.outputs import StopStringMatcher
-from server.tokenizer import IncrementalDetokenizer, load_tokenizer, render_chat
+from server.tokenizer import IncrementalDetokenizer, encode_chat, load_tokenizer, render_chat
 
 
 def test_incremental_text_equals_full_decode_with_multibyte_characters(llama):
@@ -24,10 +24,13 @@ def test_byte_fallback_of_a_single_emoji_is_held_until_complete(llama):
     assert deltas[:-1] == [""] * (len(ids) - 1) and deltas[-1] == "😀"
 
 
-def test_chat_template_renders_messages(llama):
+def test_chat_template_renders_messages_with_exactly_one_bos(llama):
     tok = load_tokenizer(llama)
-    text = render_chat(tok, [{"role": "user", "content": "hi"}])
-    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat(tok, messages) == "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = encode_chat(tok, messages)
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert tok.decode(ids) == render_chat(tok, messages)
 
 
 def test_stop_matcher_holds_back_a_partial_match_and_cuts_at_the_stop():
