@@ -67,7 +67,8 @@ class ModelRunner:
             queries = [list(range(s.seq.num_computed_tokens, s.seq.num_computed_tokens + n)) for s in run]
             groups.append(self._group(slice(offset, offset + n * len(run)), [s.seq for s in run], queries))
             offset += n * len(run)
-        rows = [SamplerRow(s.params, s.generator, s.prompt_token_ids, s.output_token_ids, self.eos_token_ids)
+        # The loop appends to token_ids only after run() returns, so the worker may read them in place.
+        rows = [SamplerRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens, self.eos_token_ids)
                 for s in sample_seqs]
         return PreparedBatch(
             input_ids=self._tensor(input_ids), positions=self._tensor(positions),

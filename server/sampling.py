@@ -97,12 +97,20 @@ def _check(ok: bool, param: str, message: str):
 
 @dataclass
 class SamplerRow:
-    """What the sampler needs of one sequence."""
+    """What the sampler needs of one sequence; the token list is shared, sliced only when a penalty needs it."""
     params: SamplingParams
     generator: torch.Generator
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]                # prompt + output
+    num_prompt_tokens: int
     eos_token_ids: tuple[int, ...]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass
@@ -153,16 +161,16 @@ def _apply_penalties_and_bias(logits: torch.Tensor, rows: list[SamplerRow]) -> t
             ids = torch.tensor([t for t in p.logit_bias if t < vocab], dtype=torch.long, device=logits.device)
             vals = torch.tensor([v for t, v in p.logit_bias.items() if t < vocab], device=logits.device)
             logits[i].index_add_(0, ids, vals)
-        if len(row.output_token_ids) < p.min_tokens:
+        if row.num_output_tokens < p.min_tokens:
             banned = [t for t in p.stop_token_ids if t < vocab]
             if not p.ignore_eos:
                 banned += list(row.eos_token_ids)
             logits[i, banned] = -math.inf
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), device=logits.device)
+            seen = torch.tensor(sorted(set(row.token_ids)), device=logits.device)
             scores = logits[i, seen]
             logits[i, seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+        if (p.presence_penalty or p.frequency_penalty) and row.num_output_tokens:
             counts = torch.bincount(torch.tensor(row.output_token_ids, device=logits.device), minlength=vocab)[:vocab]
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits

@@ -12,7 +12,7 @@ from tests.conftest import collect, random_prompts, run
 
 
 def rows(params: SamplingParams, n: int, seed0: int = 0, output=()):
-    return [SamplerRow(params, torch.Generator().manual_seed(seed0 + i), [1, 2], list(output), (0,)) for i in range(n)]
+    return [SamplerRow(params, torch.Generator().manual_seed(seed0 + i), [1, 2, *output], 2, (0,)) for i in range(n)]
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -81,7 +81,7 @@ def test_temperature_sharpens_sampling():
 def test_penalties_follow_their_formulas():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     row = SamplerRow(SamplingParams(temperature=0, repetition_penalty=2.0, presence_penalty=0.5,
-                                    frequency_penalty=0.25), torch.Generator(), [0, 1], [2, 2], (3,))
+                                    frequency_penalty=0.25), torch.Generator(), [0, 1, 2, 2], 2, (3,))
     from server.sampling import _apply_penalties_and_bias
     out = _apply_penalties_and_bias(logits.clone(), [row])
     # repetition: positive /2, negative *2 over prompt+output; then output token 2 (count 2): -0.5 - 2*0.25
@@ -91,17 +91,17 @@ def test_penalties_follow_their_formulas():
 def test_logit_bias_and_min_tokens_mask_eos():
     logits = torch.zeros(1, 5)
     biased = sample(logits, [SamplerRow(SamplingParams(temperature=0, logit_bias={3: 5}), torch.Generator(),
-                                        [1], [], (0,))])
+                                        [1], 1, (0,))])
     assert biased[0].token_id == 3
     eos_favoured = torch.tensor([[9.0, 0, 0, 0, 1]])
     held = sample(eos_favoured, [SamplerRow(SamplingParams(temperature=0, min_tokens=2), torch.Generator(),
-                                            [1], [], (0,))])
+                                            [1], 1, (0,))])
     assert held[0].token_id == 4
 
 
 def test_logprobs_are_the_model_distribution_with_top_n():
     logits = torch.tensor([[3.0, 1.0, 0.0, 2.0]])
-    out = sample(logits, [SamplerRow(SamplingParams(temperature=0, logprobs=2), torch.Generator(), [1], [], (0,))])
+    out = sample(logits, [SamplerRow(SamplingParams(temperature=0, logprobs=2), torch.Generator(), [1], 1, (0,))])
     logprobs = torch.log_softmax(logits[0], -1)
     assert out[0].token_id == 0 and out[0].logprob == pytest.approx(logprobs[0].item())
     assert list(out[0].top_logprobs) == [0, 3]
