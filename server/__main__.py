@@ -3,6 +3,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 from server.config import DTYPES, EngineConfig
 
@@ -17,6 +18,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Hugging Face checkpoint directory (safetensors); default: the embedded tiny model, built on first run")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send in `model` (default: the checkpoint directory's name, "
+                        "or lmserve-default for the embedded model)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help="most sequences per engine step; the batcher releases new requests at this count")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
@@ -54,10 +58,11 @@ async def serve(args: argparse.Namespace):
     from server.http.app import build_app
 
     engine = AsyncEngine(engine_config(args))
-    config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level=args.log_level,
+    model_name = args.served_model_name or (Path(args.model).resolve().name if args.model else "lmserve-default")
+    config = uvicorn.Config(build_app(engine, model_name), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = uvicorn.Server(config)
-    log.info("lmserve serving %s on http://%s:%d", engine.model_path, args.host, args.port)
+    log.info("lmserve serving %s as %r on http://%s:%d", engine.model_path, model_name, args.host, args.port)
     try:
         await server.serve()
     finally:

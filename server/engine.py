@@ -221,8 +221,10 @@ class AsyncEngine:
             text += req.stop_matcher.feed(req.detokenizer.text, final=True)
         logprobs = [token] if seq.params.logprobs is not None else None
         out = self._output(req, [token.token_id], logprobs, text)
-        if seq.params.prompt_logprobs is not None and seq.num_output_tokens == 1:
-            out.prompt_logprobs = [None] + seq.prompt_logprobs
+        if seq.num_output_tokens == 1:
+            out.prompt_token_ids = seq.prompt_token_ids
+            if seq.params.prompt_logprobs is not None:
+                out.prompt_logprobs = [None] + seq.prompt_logprobs
         req.queue.put_nowait(out)
         if seq.is_finished:
             del self._requests[seq.request_id]

@@ -17,6 +17,7 @@ class RequestOutput:
     num_output_tokens: int               # so far
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it, if any
     prompt_logprobs: list[SampledToken | None] | None = None  # on the first delta, when asked: None for token 0
+    prompt_token_ids: list[int] | None = None  # on the first delta
 
 
 @dataclass

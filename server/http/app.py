@@ -1,61 +1,137 @@
-"""The HTTP app: /health and the minimal /generate endpoint (the OpenAI routes build on the same engine calls).
+"""The HTTP app: OpenAI-compatible routes, /health, /tokenize, /detokenize, and the minimal /generate.
+
+Every error is OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for bad input (wrong
+method or content included), 404 for an unknown model or route, 500 only for the server's own failures.
 
 POST /generate {"prompt": str | [int], "stream": bool, "request_id": str, ...SamplingParams fields}
 answers {"text", "token_ids", "finish_reason", "usage"}, or server-sent events of deltas when streaming.
 """
 import dataclasses
 import json
+import logging
+import time
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from server.engine import AsyncEngine
+from server.http.openai_routes import OpenAIRoutes
+from server.http.protocol import ApiError
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
+from server.tokenizer import encode_chat
+
+log = logging.getLogger(__name__)
 
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
-def error_response(status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": status}}, status)
+async def json_body(request: Request) -> dict:
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ApiError(499, "client disconnected", type_="client_disconnected") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return body
 
 
-def build_app(engine: AsyncEngine) -> Starlette:
+def build_app(engine: AsyncEngine, model_name: str) -> Starlette:
+    openai = OpenAIRoutes(engine, model_name)
+    created = int(time.time())
+
     async def health(_: Request) -> Response:
         return Response(status_code=200 if engine.health() else 503)
 
+    async def models(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": created, "owned_by": "lmserve",
+             "root": engine.model_path, "parent": None, "max_model_len": engine.max_model_len}]})
+
+    async def completions(request: Request) -> Response:
+        return await openai.completions(request, await json_body(request))
+
+    async def chat_completions(request: Request) -> Response:
+        return await openai.chat(request, await json_body(request))
+
+    async def tokenize(request: Request) -> Response:
+        body = await json_body(request)
+        if isinstance(body.get("messages"), list):
+            try:
+                tokens = encode_chat(engine.tokenizer, body["messages"])
+            except Exception as e:
+                raise ApiError(400, f"the chat template could not render these messages: {e}", "messages") from None
+        elif isinstance(body.get("prompt"), str):
+            add_special = body.get("add_special_tokens", True)
+            if not isinstance(add_special, bool):
+                raise ApiError(400, "add_special_tokens must be a boolean", "add_special_tokens")
+            tokens = engine.tokenizer.encode(body["prompt"], add_special_tokens=add_special)
+        else:
+            raise ApiError(400, "send prompt (a string) or messages (a list)", "prompt")
+        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
+
+    async def detokenize(request: Request) -> Response:
+        tokens = (await json_body(request)).get("tokens")
+        if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < engine.vocab_size for t in tokens):
+            raise ApiError(400, f"tokens must be a list of token ids in [0, {engine.vocab_size})", "tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(tokens)})
+
     async def generate(request: Request) -> Response:
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return error_response(400, "request body must be a JSON object")
-        except ClientDisconnect:
-            return Response(status_code=499)
-        if not isinstance(body, dict):
-            return error_response(400, "request body must be a JSON object")
+        body = await json_body(request)
         unknown = sorted(set(body) - _PARAM_FIELDS - {"prompt", "stream", "request_id"})
         if unknown:
-            return error_response(400, f"unknown field {unknown[0]!r}", unknown[0])
+            raise ApiError(400, f"unknown field {unknown[0]!r}", unknown[0])
         try:
             params = SamplingParams(**{k: v for k, v in body.items() if k in _PARAM_FIELDS})
             prompt = body.get("prompt")
-            if not (isinstance(prompt, str) or isinstance(prompt, list)):
+            if not isinstance(prompt, (str, list)):
                 raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
             stream = engine.generate(prompt, params, body.get("request_id"))
             first = await anext(stream)  # validation errors surface here, before any byte is sent
         except InvalidRequestError as e:
-            return error_response(400, str(e), e.param)
+            raise ApiError(400, str(e), e.param) from None
         except (TypeError, ValueError) as e:
-            return error_response(400, str(e))
+            raise ApiError(400, str(e)) from None
         if body.get("stream"):
             return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
         outputs = [first] + [o async for o in stream]
         return JSONResponse(_merge(outputs))
 
-    return Starlette(routes=[Route("/health", health, methods=["GET"]),
-                             Route("/generate", generate, methods=["POST"])])
+    async def api_error(_: Request, exc: ApiError) -> Response:
+        return JSONResponse(exc.body(), exc.status)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return JSONResponse(ApiError(404, f"no route {request.url.path}", type_="NotFoundError",
+                                         code="not_found").body(), 404)
+        if exc.status_code == 405:
+            return JSONResponse(ApiError(400, f"{request.method} is not allowed on {request.url.path}",
+                                         code="method_not_allowed").body(), 400)
+        return JSONResponse(ApiError(400, str(exc.detail)).body(), 400)
+
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("request to %s failed", request.url.path)
+        return JSONResponse(ApiError(500, f"internal error: {exc}", type_="internal_error").body(), 500)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/generate", generate, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={
+        ApiError: api_error, HTTPException: http_error, Exception: internal_error})
 
 
 async def _sse(first: RequestOutput, stream):

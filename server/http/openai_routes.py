@@ -1,0 +1,259 @@
+"""OpenAI-compatible /v1/completions and /v1/chat/completions: translate, call engine.generate, translate back.
+
+Each (prompt, copy) pair is one engine request. All of them are started and their first delta awaited
+before any response is sent, so a bad request is a 400, never a broken stream. A client that goes away
+aborts its requests: streaming through the response's cancellation, non-streaming through a watcher.
+"""
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+
+from server.engine import AsyncEngine
+from server.http.protocol import ApiError, parse_chat, parse_completion
+from server.outputs import RequestOutput
+from server.sampling import InvalidRequestError, SamplingParams
+from server.tokenizer import encode_chat
+
+
+@dataclass
+class Choice:
+    """One engine request's accumulated output."""
+    index: int
+    prompt: str | list[int]
+    params: SamplingParams
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    prompt_token_ids: list[int] | None = None
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput):
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        if out.prompt_token_ids is not None:
+            self.prompt_token_ids = out.prompt_token_ids
+        self.last = out
+
+
+class OpenAIRoutes:
+    def __init__(self, engine: AsyncEngine, model_name: str):
+        self.engine = engine
+        self.model_name = model_name
+        self.tokenizer = engine.tokenizer
+
+    # --- /v1/completions ------------------------------------------------------------------------
+    async def completions(self, request: Request, body: dict):
+        req = parse_completion(body)
+        self._check_model(req.model)
+        choices = [Choice(i * req.n + j, p, _copy_params(req.params, i * req.n + j))
+                   for i, p in enumerate(req.prompts) for j in range(req.n)]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        streams = await self._start(rid, choices)
+
+        def choice_body(c: Choice, text: str, finish: str | None, logprobs=None) -> dict:
+            return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+        def head(obj: str) -> dict:
+            return {"id": rid, "object": obj, "created": created, "model": self.model_name}
+
+        if req.stream:
+            async def chunks():
+                if req.echo:
+                    for c in choices:
+                        yield head("text_completion") | {"choices": [choice_body(c, self._prompt_text(c.prompt), None)]}
+                async for c, out in self._pump(choices, streams):
+                    lp = self._completion_logprobs(out.logprobs, len(c.text) - len(out.text)) if out.logprobs is not None else None
+                    yield head("text_completion") | {"choices": [choice_body(c, out.text, out.finish_reason, lp)]}
+                if req.include_usage:
+                    yield head("text_completion") | {"choices": [], "usage": self._usage(choices, req.n)}
+            return _sse(chunks(), streams)
+
+        await self._collect(request, choices, streams)
+        result = []
+        for c in choices:
+            text, scored = c.text, c.logprobs
+            if req.echo:
+                prompt_text = self._prompt_text(c.prompt)
+                text = prompt_text + text
+                if c.params.logprobs is not None:
+                    scored = (c.prompt_logprobs or []) + c.logprobs
+            logprobs = None
+            if c.params.logprobs is not None:
+                logprobs = self._completion_logprobs(scored, 0, c.prompt_token_ids[0] if req.echo else None)
+            result.append(choice_body(c, text, c.last.finish_reason, logprobs))
+        return JSONResponse(head("text_completion") | {"choices": result, "usage": self._usage(choices, req.n)})
+
+    # --- /v1/chat/completions -------------------------------------------------------------------
+    async def chat(self, request: Request, body: dict):
+        req = parse_chat(body)
+        self._check_model(req.model)
+        try:
+            prompt_ids = encode_chat(self.tokenizer, req.messages)
+        except ValueError as e:
+            raise ApiError(400, str(e), "messages") from None
+        except Exception as e:  # a template that raises on these messages (jinja2 errors, role checks)
+            raise ApiError(400, f"the chat template could not render these messages: {e}", "messages") from None
+        choices = [Choice(j, prompt_ids, _copy_params(req.params, j)) for j in range(req.n)]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        streams = await self._start(rid, choices)
+
+        def head(obj: str) -> dict:
+            return {"id": rid, "object": obj, "created": created, "model": self.model_name}
+
+        if req.stream:
+            async def chunks():
+                for c in choices:
+                    yield head("chat.completion.chunk") | {"choices": [
+                        {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}]}
+                async for c, out in self._pump(choices, streams):
+                    lp = {"content": self._chat_logprobs(out.logprobs)} if req.logprobs else None
+                    delta = {"content": out.text} if out.text or not out.finished else {}
+                    yield head("chat.completion.chunk") | {"choices": [
+                        {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}]}
+                if req.include_usage:
+                    yield head("chat.completion.chunk") | {"choices": [], "usage": self._usage(choices, 1)}
+            return _sse(chunks(), streams)
+
+        await self._collect(request, choices, streams)
+        result = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                   "logprobs": {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None,
+                   "finish_reason": c.last.finish_reason} for c in choices]
+        return JSONResponse(head("chat.completion") | {"choices": result, "usage": self._usage(choices, req.n)})
+
+    # --- running engine requests ----------------------------------------------------------------
+    async def _start(self, rid: str, choices: list[Choice]):
+        """Start every engine request and take its first delta; on any refusal close them all and raise."""
+        streams = [self.engine.generate(c.prompt, c.params, f"{rid}-{c.index}") for c in choices]
+        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        errors = [e for e in firsts if isinstance(e, BaseException)]
+        if errors:
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+            e = errors[0]
+            if isinstance(e, InvalidRequestError):
+                raise ApiError(400, str(e), e.param) from None
+            raise e
+        for c, first in zip(choices, firsts):
+            c.add(first)
+        return streams
+
+    async def _collect(self, request: Request, choices: list[Choice], streams):
+        async def drain(c: Choice, stream):
+            if not c.last.finished:
+                async for out in stream:
+                    c.add(out)
+        work = asyncio.gather(*(drain(c, s) for c, s in zip(choices, streams)))
+        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:        # the client went away: stop generating for it
+                work.cancel()
+                raise ApiError(499, "client disconnected", type_="client_disconnected")
+            work.result()
+        finally:
+            watcher.cancel()
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+
+    async def _pump(self, choices: list[Choice], streams):
+        """Yield (choice, delta) as they arrive from all engine requests, starting with the primed first deltas."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def forward(c: Choice, stream):
+            try:
+                if not c.last.finished:
+                    async for out in stream:
+                        c.add(out)
+                        await queue.put((c, out))
+            finally:
+                await queue.put((c, None))
+        for c in choices:
+            yield c, c.last
+        tasks = [asyncio.ensure_future(forward(c, s)) for c, s in zip(choices, streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                c, out = await queue.get()
+                if out is None:
+                    remaining -= 1
+                else:
+                    yield c, out
+            for t in tasks:
+                t.result()
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # --- shaping --------------------------------------------------------------------------------
+    def _check_model(self, model: str):
+        if model != self.model_name:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                           "model", "NotFoundError", "model_not_found")
+
+    def _prompt_text(self, prompt) -> str:
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _completion_logprobs(self, scored: list, offset: int, first_prompt_token: int | None = None) -> dict:
+        """OpenAI's completions logprobs; with echo, scored starts with None for the unscored first prompt token."""
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for s in scored:
+            token_id = first_prompt_token if s is None else s.token_id
+            text = self._token_text(token_id)
+            tokens.append(text)
+            token_logprobs.append(None if s is None else s.logprob)
+            top.append(None if s is None else {self._token_text(t): lp for t, lp in s.top_logprobs.items()})
+            offsets.append(offset)
+            offset += 0 if token_id in self.tokenizer.all_special_ids else len(text)  # BOS is not in the echoed text
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _chat_logprobs(self, scored: list) -> list[dict]:
+        def entry(token_id: int, logprob: float) -> dict:
+            text = self._token_text(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return [entry(s.token_id, s.logprob) | {"top_logprobs": [entry(t, lp) for t, lp in s.top_logprobs.items()]}
+                for s in scored]
+
+    def _usage(self, choices: list[Choice], n: int) -> dict:
+        firsts = choices[::n]   # the prompt is counted once per prompt, not once per copy
+        prompt = sum(c.last.num_prompt_tokens for c in firsts)
+        completion = sum(c.last.num_output_tokens for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(c.last.num_cached_tokens for c in firsts)}}
+
+
+def _copy_params(params: SamplingParams, index: int) -> SamplingParams:
+    """The params for copy `index`: a seeded request seeds each copy differently, and reproducibly."""
+    copy = SamplingParams(**params.__dict__)
+    if params.seed is not None:
+        copy.seed = params.seed + index
+    return copy
+
+
+async def _wait_for_disconnect(request: Request):
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _sse(chunks, streams) -> StreamingResponse:
+    async def events():
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # a disconnected client lands here: closing the engine streams aborts their requests
+            await chunks.aclose()
+            await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
+    return StreamingResponse(events(), media_type="text/event-stream")

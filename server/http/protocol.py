@@ -1,0 +1,188 @@
+"""OpenAI protocol: parse and validate /v1/completions and /v1/chat/completions bodies into engine inputs.
+
+Every mistake raises ApiError naming the field and what is allowed; nothing here touches the engine.
+"""
+from dataclasses import dataclass
+
+from server.sampling import InvalidRequestError, SamplingParams
+
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class CompletionRequest:
+    model: str
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    echo: bool
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    messages: list[dict]
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    logprobs: bool
+
+
+def parse_completion(body: dict) -> CompletionRequest:
+    model = _model(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif _is_token_list(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif isinstance(prompt, list) and prompt and all(_is_token_list(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of "
+                            "token-id lists (none of them empty)", "prompt")
+    logprobs = _opt(body, "logprobs", int)
+    if logprobs is not None and not 0 <= logprobs <= 20:
+        raise ApiError(400, f"logprobs must be between 0 and 20; got {logprobs}", "logprobs")
+    echo = bool(_opt(body, "echo", bool) or False)
+    params = _sampling_params(body, max_tokens=_opt(body, "max_tokens", int, default=16), logprobs=logprobs,
+                              prompt_logprobs=logprobs if echo and logprobs is not None else None)
+    stream, include_usage = _stream(body)
+    return CompletionRequest(model, prompts, params, _n(body), stream, include_usage, echo)
+
+
+def parse_chat(body: dict) -> ChatRequest:
+    model = _model(body)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    parsed = [_message(m, i) for i, m in enumerate(messages)]
+    want_logprobs = bool(_opt(body, "logprobs", bool) or False)
+    top = _opt(body, "top_logprobs", int)
+    if top is not None and not 0 <= top <= 20:
+        raise ApiError(400, f"top_logprobs must be between 0 and 20; got {top}", "top_logprobs")
+    if top is not None and not want_logprobs:
+        raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    max_tokens = _opt(body, "max_completion_tokens", int)
+    if max_tokens is None:
+        max_tokens = _opt(body, "max_tokens", int)
+    params = _sampling_params(body, max_tokens=max_tokens, logprobs=(top or 0) if want_logprobs else None)
+    stream, include_usage = _stream(body)
+    return ChatRequest(model, parsed, params, _n(body), stream, include_usage, want_logprobs)
+
+
+def _message(m, i: int) -> dict:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise ApiError(400, f"messages[{i}] must be an object with a string role", f"messages[{i}]")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: only text is understood by a text model
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": str}}",
+                               f"messages[{i}].content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+    return {"role": m["role"], "content": content}
+
+
+def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
+                       "stop")
+    logit_bias = body.get("logit_bias") or {}
+    if not isinstance(logit_bias, dict):
+        raise ApiError(400, "logit_bias must be an object mapping token ids to biases", "logit_bias")
+    try:
+        logit_bias = {int(k): v for k, v in logit_bias.items()}
+    except (TypeError, ValueError):
+        raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+    if not all(_is_number(v) for v in logit_bias.values()):
+        raise ApiError(400, "logit_bias values must be numbers between -100 and 100", "logit_bias")
+    temperature = _opt(body, "temperature", (int, float), default=1.0)
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=_opt(body, "top_p", (int, float), default=1.0),
+            top_k=_opt(body, "top_k", int, default=-1), min_p=_opt(body, "min_p", (int, float), default=0.0),
+            repetition_penalty=_opt(body, "repetition_penalty", (int, float), default=1.0),
+            presence_penalty=_opt(body, "presence_penalty", (int, float), default=0.0),
+            frequency_penalty=_opt(body, "frequency_penalty", (int, float), default=0.0),
+            seed=_opt(body, "seed", int), stop=stop, stop_token_ids=_opt(body, "stop_token_ids", list, default=[]),
+            min_tokens=_opt(body, "min_tokens", int, default=0), ignore_eos=_opt(body, "ignore_eos", bool, default=False),
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
+            include_stop_str_in_output=_opt(body, "include_stop_str_in_output", bool, default=False),
+            skip_special_tokens=_opt(body, "skip_special_tokens", bool, default=True))
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e), e.param) from None
+
+
+def _model(body: dict) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model is required: the name of a served model (see GET /v1/models)", "model")
+    return model
+
+
+def _n(body: dict) -> int:
+    n = _opt(body, "n", int, default=1)
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be between 1 and {MAX_N}; got {n}", "n")
+    return n
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = bool(_opt(body, "stream", bool, default=False))
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    include_usage = bool((options or {}).get("include_usage", False))
+    if options is not None and not stream:
+        raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+    return stream, include_usage
+
+
+_TYPE_NAMES = {int: "an integer", bool: "a boolean", list: "a list", (int, float): "a number"}
+
+
+def _opt(body: dict, name: str, kind, default=None):
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind == (int, float):
+        ok = _is_number(value)
+    if not ok:
+        raise ApiError(400, f"{name} must be {_TYPE_NAMES[kind]}; got {type(value).__name__}", name)
+    return value
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_token_list(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
