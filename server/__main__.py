@@ -3,7 +3,6 @@ import argparse
 import asyncio
 import logging
 import sys
-from pathlib import Path
 
 from server.config import DTYPES, EngineConfig
 
@@ -44,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
-        model=args.model, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
+        model=args.model, served_model_name=args.served_model_name, dtype=args.dtype, device=args.device, max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
@@ -58,11 +57,10 @@ async def serve(args: argparse.Namespace):
     from server.http.app import build_app
 
     engine = AsyncEngine(engine_config(args))
-    model_name = args.served_model_name or (Path(args.model).resolve().name if args.model else "lmserve-default")
-    config = uvicorn.Config(build_app(engine, model_name), host=args.host, port=args.port, log_level=args.log_level,
+    config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = uvicorn.Server(config)
-    log.info("lmserve serving %s as %r on http://%s:%d", engine.model_path, model_name, args.host, args.port)
+    log.info("lmserve serving %s as %r on http://%s:%d", engine.model_path, engine.model_name, args.host, args.port)
     try:
         await server.serve()
     finally:

@@ -7,6 +7,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 @dataclass
 class EngineConfig:
     model: str | None = None              # HF checkpoint directory; None serves the embedded default model
+    served_model_name: str | None = None  # the name clients send as `model`; default: the directory's name
     dtype: str = "auto"                   # auto: float32 on CPU, the checkpoint's dtype on CUDA
     device: str = "auto"                  # auto: cuda when available, else cpu
     max_batch_size: int = 64              # most sequences in one engine step; the batcher releases at this count

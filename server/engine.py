@@ -7,7 +7,9 @@ tokens, detokenizes and pushes deltas to each request's queue.
 import asyncio
 import logging
 import random
+import time
 import uuid
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -20,6 +22,7 @@ from server.config import EngineConfig
 from server.host_memory import keep_freed_memory
 from server.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.loader import load_hf_config, load_model
+from server.metrics import EngineMetrics
 from server.model_runner import ModelRunner
 from server.outputs import RequestOutput, StopStringMatcher
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
@@ -45,6 +48,8 @@ class AsyncEngine:
             self.model_path = str(ensure_default_model())
         else:
             self.model_path = config.model
+        self.model_name = config.served_model_name or (Path(config.model).resolve().name if config.model
+                                                       else "lmserve-default")
         hf_config = load_hf_config(self.model_path)
         self.device = _resolve_device(config.device)
         if self.device.type == "cpu":
@@ -71,6 +76,7 @@ class AsyncEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
         self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids)
+        self.metrics = EngineMetrics(self.model_name, self._metrics_state)
         self._rng = random.Random(config.seed)
         self._requests: dict[str, _Request] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
@@ -115,7 +121,13 @@ class AsyncEngine:
             seq.status, seq.finish_reason = SequenceStatus.FINISHED, FinishReason.ABORT
         else:
             self.scheduler.finish(seq, FinishReason.ABORT)
+        self.metrics.on_finished(seq, time.monotonic())
         req.queue.put_nowait(self._output(req, [], [] if seq.params.logprobs is not None else None, ""))
+
+    def _metrics_state(self) -> tuple[int, int, float, float]:
+        bm = self.block_manager
+        hit_ratio = bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0
+        return len(self.scheduler.running), len(self.scheduler.waiting) + len(self.batcher), bm.usage, hit_ratio
 
     def health(self) -> bool:
         return self._loop_task is None or not self._loop_task.done()
@@ -197,6 +209,12 @@ class AsyncEngine:
             if not out.scheduled:
                 await asyncio.sleep(0.001)
                 continue
+            now = time.monotonic()
+            for item in out.scheduled:
+                if item.seq.first_scheduled_time is None:
+                    item.seq.first_scheduled_time = now
+                    self.metrics.on_scheduled(item.seq, now)
+            self.metrics.on_step(len(out.scheduled), out.num_preempted)
             batch = self.runner.prepare(out)
             try:
                 result = await loop.run_in_executor(self._executor, self.runner.run, batch)
@@ -214,6 +232,9 @@ class AsyncEngine:
         req = self._requests.get(seq.request_id)
         if req is None or req.seq is not seq:
             return
+        now = time.monotonic()
+        self.metrics.on_token(seq, now, seq.last_token_time)
+        seq.last_token_time = now
         req.detokenizer.step([token.token_id])
         text = req.stop_matcher.feed(req.detokenizer.text, final=seq.is_finished)
         if req.stop_matcher.matched is not None and not seq.is_finished:
@@ -228,6 +249,7 @@ class AsyncEngine:
         req.queue.put_nowait(out)
         if seq.is_finished:
             del self._requests[seq.request_id]
+            self.metrics.on_finished(seq, now)
 
     def _output(self, req: _Request, token_ids, logprobs, text) -> RequestOutput:
         seq = req.seq
@@ -246,6 +268,7 @@ class AsyncEngine:
             req = self._requests.pop(item.seq.request_id, None)
             self.scheduler.finish(item.seq, FinishReason.ABORT)
             if req is not None:
+                self.metrics.on_finished(item.seq, time.monotonic())
                 req.queue.put_nowait(RuntimeError(f"request {item.seq.request_id} failed in the engine: {exc}"))
 
 

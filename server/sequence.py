@@ -36,6 +36,8 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None
+    last_token_time: float | None = None
     prompt_logprobs: list = field(default_factory=list)  # for prompt tokens 1.., when params.prompt_logprobs is set
 
     def __post_init__(self):

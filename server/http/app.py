@@ -20,6 +20,7 @@ from starlette.routing import Route
 from server.engine import AsyncEngine
 from server.http.openai_routes import OpenAIRoutes
 from server.http.protocol import ApiError
+from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
 from server.tokenizer import encode_chat
@@ -43,12 +44,16 @@ async def json_body(request: Request) -> dict:
     return body
 
 
-def build_app(engine: AsyncEngine, model_name: str) -> Starlette:
+def build_app(engine: AsyncEngine) -> Starlette:
+    model_name = engine.model_name
     openai = OpenAIRoutes(engine, model_name)
     created = int(time.time())
 
     async def health(_: Request) -> Response:
         return Response(status_code=200 if engine.health() else 503)
+
+    async def metrics(_: Request) -> Response:
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(_: Request) -> Response:
         return JSONResponse({"object": "list", "data": [
@@ -123,6 +128,7 @@ def build_app(engine: AsyncEngine, model_name: str) -> Starlette:
 
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),

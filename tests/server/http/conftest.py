@@ -16,12 +16,13 @@ MODEL_NAME = "tiny-llama"
 
 class LiveServer:
     def __init__(self, model_path: str, **engine_kwargs):
-        self.engine = AsyncEngine(EngineConfig(model=model_path, max_wait_ms=1, **engine_kwargs))
+        self.engine = AsyncEngine(EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1,
+                                               **engine_kwargs))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(build_app(self.engine, MODEL_NAME), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(build_app(self.engine), host="127.0.0.1", port=self.port,
                                 log_level="warning", loop="asyncio")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -1,0 +1,74 @@
+"""Prometheus metrics, named once, in a registry per engine; the engine calls the hooks, /metrics renders.
+
+Latencies are histograms (queue time, time to first token, inter-token latency, end-to-end); requests
+running / waiting, KV cache usage and prefix-cache hit ratio are gauges read at scrape time; tokens and
+finished requests are counters. Request metrics carry the model (or adapter) name as a label.
+"""
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.sequence import Sequence
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0,
+                    40.0, 80.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class EngineMetrics:
+    def __init__(self, model_name: str, state):
+        """state() returns (running, waiting, kv_cache_usage, prefix_cache_hit_ratio), read at each scrape."""
+        self.model_name = model_name
+        self.state = state
+        r = self.registry = CollectorRegistry()
+        m = ["model_name"]
+        self.queue_time = Histogram("lmserve_request_queue_time_seconds", "Arrival to first scheduling.", m,
+                                    buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("lmserve_time_to_first_token_seconds", "Arrival to first output token.", m,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("lmserve_inter_token_latency_seconds", "Time between consecutive output tokens.", m,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("lmserve_e2e_request_latency_seconds", "Arrival to finish.", m,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("lmserve_prompt_tokens", "Prompt tokens of requests that produced a token.", m,
+                                     registry=r)
+        self.generation_tokens = Counter("lmserve_generation_tokens", "Output tokens produced.", m, registry=r)
+        self.finished = Counter("lmserve_requests_finished", "Finished requests by reason.", m + ["finished_reason"],
+                                registry=r)
+        self.batch_size = Histogram("lmserve_batch_size", "Sequences per engine step.", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.running = Gauge("lmserve_num_requests_running", "Requests in the running batch.", registry=r)
+        self.waiting = Gauge("lmserve_num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
+        self.kv_usage = Gauge("lmserve_kv_cache_usage_ratio", "Share of KV cache blocks in use.", registry=r)
+        self.prefix_hit_ratio = Gauge("lmserve_prefix_cache_hit_ratio",
+                                      "Prompt tokens served from the prefix cache over prompt tokens looked up.",
+                                      registry=r)
+        self.preemptions = Counter("lmserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
+                                   registry=r)
+
+    def on_scheduled(self, seq: Sequence, now: float):
+        self.queue_time.labels(self.model_name).observe(now - seq.arrival_time)
+
+    def on_token(self, seq: Sequence, now: float, previous_token_time: float | None):
+        if previous_token_time is None:
+            self.ttft.labels(self.model_name).observe(now - seq.arrival_time)
+            self.prompt_tokens.labels(self.model_name).inc(seq.num_prompt_tokens)
+        else:
+            self.itl.labels(self.model_name).observe(now - previous_token_time)
+        self.generation_tokens.labels(self.model_name).inc()
+
+    def on_finished(self, seq: Sequence, now: float):
+        self.e2e.labels(self.model_name).observe(now - seq.arrival_time)
+        self.finished.labels(self.model_name, seq.finish_reason.value).inc()
+
+    def on_step(self, batch_size: int, num_preempted: int):
+        self.batch_size.observe(batch_size)
+        if num_preempted:
+            self.preemptions.inc(num_preempted)
+
+    def render(self) -> bytes:
+        running, waiting, kv_usage, hit_ratio = self.state()
+        self.running.set(running)
+        self.waiting.set(waiting)
+        self.kv_usage.set(kv_usage)
+        self.prefix_hit_ratio.set(hit_ratio)
+        return generate_latest(self.registry)

@@ -1,0 +1,62 @@
+"""/metrics: values move exactly as the traffic says (scraped from a live server, in Prometheus text format)."""
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.http.conftest import MODEL_NAME
+
+
+def scrape(live) -> dict:
+    r = httpx.get(live.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(r.text) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def complete(live, prompt, max_tokens, **extra):
+    r = httpx.post(live.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "max_tokens": max_tokens,
+                                                       "temperature": 0, "ignore_eos": True, **extra})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_counters_and_histograms_move_with_traffic(live):
+    m = {"model_name": MODEL_NAME}
+    before = scrape(live)
+    usages = [complete(live, [10 + i, 11, 12, 13], 5)["usage"] for i in range(3)]
+    after = scrape(live)
+    assert value(after, "lmserve_generation_tokens_total", **m) - value(before, "lmserve_generation_tokens_total", **m) == 15
+    assert value(after, "lmserve_prompt_tokens_total", **m) - value(before, "lmserve_prompt_tokens_total", **m) == 12
+    for name in ("lmserve_time_to_first_token_seconds_count", "lmserve_e2e_request_latency_seconds_count",
+                 "lmserve_request_queue_time_seconds_count"):
+        assert value(after, name, **m) - value(before, name, **m) == 3, name
+    assert value(after, "lmserve_inter_token_latency_seconds_count", **m) - \
+        value(before, "lmserve_inter_token_latency_seconds_count", **m) == 12
+    finished = "lmserve_requests_finished_total"
+    assert value(after, finished, finished_reason="length", **m) - value(before, finished, finished_reason="length", **m) == 3
+    assert value(after, "lmserve_batch_size_count") > value(before, "lmserve_batch_size_count")
+    assert all(u["completion_tokens"] == 5 for u in usages)
+
+
+def test_gauges_at_idle_and_prefix_hit_ratio(live):
+    prefix = list(range(20, 70))                       # 3 full blocks and 2 tokens
+    complete(live, prefix + [1], 1)
+    complete(live, prefix + [2], 1)
+    samples = scrape(live)
+    assert value(samples, "lmserve_num_requests_running") == 0
+    assert value(samples, "lmserve_num_requests_waiting") == 0
+    assert value(samples, "lmserve_kv_cache_usage_ratio") == 0
+    assert 0 < value(samples, "lmserve_prefix_cache_hit_ratio") <= 1
+
+
+def test_aborted_requests_are_counted_by_reason(live):
+    m = {"model_name": MODEL_NAME, "finished_reason": "abort"}
+    before = value(scrape(live), "lmserve_requests_finished_total", **m)
+    body = {"model": MODEL_NAME, "prompt": "Go", "max_tokens": 300, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", live.url + "/v1/completions", json=body) as r:
+        next(r.iter_lines())
+    assert live.wait_until_all_blocks_free()
+    assert value(scrape(live), "lmserve_requests_finished_total", **m) - before == 1
