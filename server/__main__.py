@@ -1,4 +1,4 @@
-"""python -m server: parse flags, build ONE engine, serve it over HTTP on a uvloop event loop."""
+"""python -m server: parse flags, build ONE engine, serve it over HTTP and gRPC on one uvloop event loop."""
 import argparse
 import asyncio
 import logging
@@ -17,6 +17,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Hugging Face checkpoint directory (safetensors); default: the embedded tiny model, built on first run")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send in `model` (default: the checkpoint directory's name, "
                         "or lmserve-default for the embedded model)")
@@ -54,16 +55,21 @@ async def serve(args: argparse.Namespace):
     import uvicorn
 
     from server.engine import AsyncEngine
+    from server.grpc_service import start_grpc_server
     from server.http.app import build_app
 
     engine = AsyncEngine(engine_config(args))
     config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = uvicorn.Server(config)
-    log.info("lmserve serving %s as %r on http://%s:%d", engine.model_path, engine.model_name, args.host, args.port)
+    grpc_server, grpc_health = await start_grpc_server(engine, args.host, args.grpc_port)
+    log.info("lmserve serving %s as %r on http://%s:%d and grpc %s:%d", engine.model_path, engine.model_name,
+             args.host, args.port, args.host, args.grpc_port)
     try:
         await server.serve()
     finally:
+        await grpc_health.enter_graceful_shutdown()
+        await grpc_server.stop(grace=5)
         await engine.shutdown()
 
 

@@ -33,7 +33,8 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def server_url():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--kv-cache-tokens", "4096"],
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--grpc-port", str(free_port()),
+                             "--kv-cache-tokens", "4096"],
                             cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

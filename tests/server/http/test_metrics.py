@@ -2,7 +2,7 @@
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.http.conftest import MODEL_NAME
+from tests.server.conftest import MODEL_NAME
 
 
 def scrape(live) -> dict:

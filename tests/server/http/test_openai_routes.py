@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from server.tokenizer import encode_chat
-from tests.server.http.conftest import MODEL_NAME
+from tests.server.conftest import MODEL_NAME
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""An in-process server on a background thread, so tests can both call it over HTTP and inspect its engine."""
+"""An in-process server (HTTP and gRPC) on a background thread, so tests can call it and inspect its engine."""
 import asyncio
 import socket
 import threading
@@ -9,6 +9,7 @@ import uvicorn
 
 from server.config import EngineConfig
 from server.engine import AsyncEngine
+from server.grpc_service import start_grpc_server
 from server.http.app import build_app
 
 MODEL_NAME = "tiny-llama"
@@ -18,14 +19,20 @@ class LiveServer:
     def __init__(self, model_path: str, **engine_kwargs):
         self.engine = AsyncEngine(EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1,
                                                **engine_kwargs))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         config = uvicorn.Config(build_app(self.engine), host="127.0.0.1", port=self.port,
                                 log_level="warning", loop="asyncio")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    async def _serve(self):
+        grpc_server, _ = await start_grpc_server(self.engine, "127.0.0.1", self.grpc_port)
+        try:
+            await self.server.serve()
+        finally:
+            await grpc_server.stop(grace=None)
 
     def __enter__(self):
         self.thread.start()
@@ -48,6 +55,12 @@ class LiveServer:
                 return True
             time.sleep(0.01)
         return False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

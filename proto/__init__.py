@@ -1,0 +1,1 @@
+"""The public gRPC API definition and the one script that generates its Python stubs."""

@@ -1,0 +1,127 @@
+"""gRPC frontend (grpc.aio): protobuf <-> SamplingParams and engine.generate, nothing else.
+
+Errors are status codes: INVALID_ARGUMENT with the same messages as HTTP, NOT_FOUND for an unknown model
+or adapter. A cancelled call or an expired deadline cancels the handler, which closes the engine stream
+and so aborts the request. Also serves grpc.health.v1 and server reflection.
+"""
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from server.engine import AsyncEngine
+from server.grpc_gen import inference_pb2 as pb
+from server.grpc_gen import inference_pb2_grpc as pb_grpc
+from server.outputs import RequestOutput
+from server.sampling import InvalidRequestError, SamplingParams
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+             "seed", "logprobs")
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    async def Generate(self, request, context):
+        async for out in self._deltas(request, context):
+            if out.token_ids or out.text:
+                yield pb.GenerateResponse(chunk=pb.GenerateChunk(token_ids=out.token_ids, text=out.text,
+                                                                 logprobs=_logprobs(out)))
+            if out.finished:
+                yield pb.GenerateResponse(final=_final(out))
+
+    async def GenerateUnary(self, request, context):
+        result = pb.GenerateResult()
+        async for out in self._deltas(request, context):
+            result.text += out.text
+            result.token_ids.extend(out.token_ids)
+            result.logprobs.extend(_logprobs(out))
+            if out.finished:
+                result.final.CopyFrom(_final(out))
+        return result
+
+    async def Tokenize(self, request, context):
+        await self._check_model(request.model, "", context)
+        ids = self.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids, max_model_len=self.engine.max_model_len)
+
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[pb.Model(id=self.engine.model_name, max_model_len=self.engine.max_model_len)])
+
+    # --- translation ----------------------------------------------------------------------------
+    async def _deltas(self, request, context):
+        """The engine's deltas for this call; refusals become INVALID_ARGUMENT before anything is sent."""
+        await self._check_model(request.model, request.adapter, context)
+        which = request.WhichOneof("prompt")
+        if which is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required: set text or token_ids")
+        prompt = request.text if which == "text" else list(request.token_ids.ids)
+        try:
+            stream = self.engine.generate(prompt, _sampling_params(request.sampling),
+                                          request.request_id or f"grpc-{uuid.uuid4().hex}")
+            out = await anext(stream)
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:  # a cancelled call or expired deadline cancels us here; closing the stream aborts the request
+            while True:
+                yield out
+                if out.finished:
+                    return
+                out = await anext(stream)
+        finally:
+            await stream.aclose()
+
+    async def _check_model(self, model: str, adapter: str, context):
+        if model and model != self.engine.model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"the model {model!r} does not exist; this server serves {self.engine.model_name!r}")
+        if adapter:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"the adapter {adapter!r} is not loaded")
+
+
+def _sampling_params(s) -> SamplingParams:
+    kwargs = {name: getattr(s, name) for name in _OPTIONAL if s.HasField(name)}
+    if s.HasField("max_tokens"):
+        kwargs["max_tokens"] = s.max_tokens
+    elif s.max_tokens_to_context:
+        kwargs["max_tokens"] = None
+    return SamplingParams(stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), min_tokens=s.min_tokens,
+                          ignore_eos=s.ignore_eos, logit_bias=dict(s.logit_bias),
+                          include_stop_str_in_output=s.include_stop_str_in_output, **kwargs)
+
+
+def _logprobs(out: RequestOutput) -> list:
+    return [pb.TokenLogprob(token_id=t.token_id, logprob=t.logprob,
+                            top_logprobs=[pb.TopLogprob(token_id=i, logprob=lp) for i, lp in t.top_logprobs.items()])
+            for t in out.logprobs or []]
+
+
+def _final(out: RequestOutput) -> pb.GenerateFinal:
+    final = pb.GenerateFinal(finish_reason=_FINISH[out.finish_reason], usage=pb.Usage(
+        prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
+        cached_tokens=out.num_cached_tokens))
+    if isinstance(out.stop_reason, str):
+        final.stop_string = out.stop_reason
+    elif isinstance(out.stop_reason, int):
+        final.stop_token_id = out.stop_reason
+    return final
+
+
+async def start_grpc_server(engine: AsyncEngine, host: str, port: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, health_servicer

@@ -1,0 +1,116 @@
+"""gRPC against a live server: streaming and unary generation, errors as status codes, cancel, health, reflection."""
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from server.grpc_gen import inference_pb2 as pb
+from server.grpc_gen import inference_pb2_grpc as pb_grpc
+from tests.server.conftest import MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def stub(live):
+    channel = grpc.insecure_channel(live.grpc_target)
+    yield pb_grpc.InferenceStub(channel)
+    channel.close()
+
+
+def greedy(max_tokens: int, **kw) -> pb.SamplingParameters:
+    return pb.SamplingParameters(max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)
+
+
+def test_streaming_generate_matches_the_engine_and_hf(live, stub, hf_reference):
+    prompt = [5, 17, 42, 99, 7]
+    responses = list(stub.Generate(pb.GenerateRequest(model=MODEL_NAME, token_ids=pb.TokenIds(ids=prompt),
+                                                      sampling=greedy(10))))
+    chunks = [r.chunk for r in responses if r.WhichOneof("response") == "chunk"]
+    finals = [r.final for r in responses if r.WhichOneof("response") == "final"]
+    assert len(finals) == 1 and responses[-1].WhichOneof("response") == "final"
+    tokens = [t for c in chunks for t in c.token_ids]
+    assert tokens == hf_reference("llama").greedy(prompt, 10, eos=False)
+    assert finals[0].finish_reason == pb.FINISH_REASON_LENGTH
+    assert finals[0].usage.prompt_tokens == 5 and finals[0].usage.completion_tokens == 10
+
+
+def test_unary_generate_with_text_logprobs_and_stop(stub):
+    streamed = list(stub.Generate(pb.GenerateRequest(text="Hello", sampling=greedy(12))))
+    text = "".join(r.chunk.text for r in streamed if r.WhichOneof("response") == "chunk")
+    result = stub.GenerateUnary(pb.GenerateRequest(text="Hello", sampling=greedy(12, logprobs=2)))
+    assert result.text == text and len(result.logprobs) == 12
+    assert [lp.token_id for lp in result.logprobs] == list(result.token_ids)
+    assert all(len(lp.top_logprobs) == 2 for lp in result.logprobs)
+    stop = text[4:6]
+    stopped = stub.GenerateUnary(pb.GenerateRequest(text="Hello", sampling=greedy(12, stop=[stop])))
+    assert stopped.text == text[:text.index(stop)] and stopped.final.finish_reason == pb.FINISH_REASON_STOP
+    assert stopped.final.stop_string == stop
+
+
+@pytest.mark.parametrize("request_,code,fragment", [
+    (pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(max_tokens=100000)), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_tokens must be between 1 and"),
+    (pb.GenerateRequest(text="hi", sampling=pb.SamplingParameters(top_p=2.0)), grpc.StatusCode.INVALID_ARGUMENT,
+     "top_p must be in (0, 1]"),
+    (pb.GenerateRequest(sampling=greedy(1)), grpc.StatusCode.INVALID_ARGUMENT, "prompt is required"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1] * 600)), grpc.StatusCode.INVALID_ARGUMENT,
+     "maximum context length is 512"),
+    (pb.GenerateRequest(model="other", text="hi"), grpc.StatusCode.NOT_FOUND, "does not exist"),
+    (pb.GenerateRequest(adapter="sql", text="hi"), grpc.StatusCode.NOT_FOUND, "adapter 'sql' is not loaded"),
+])
+def test_errors_are_status_codes(stub, request_, code, fragment):
+    for call in (lambda: list(stub.Generate(request_)), lambda: stub.GenerateUnary(request_)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == code and fragment in info.value.details()
+
+
+def test_cancel_and_deadline_abort_the_request(live, stub):
+    request_ = pb.GenerateRequest(text="Go on", sampling=greedy(400))
+    steps = live.engine.num_steps
+    call = stub.Generate(request_)
+    next(call)
+    call.cancel()
+    assert live.wait_until_all_blocks_free()
+    assert live.engine.num_steps - steps < 300
+    steps = live.engine.num_steps
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GenerateUnary(request_, timeout=0.1)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert live.wait_until_all_blocks_free()
+    assert live.engine.num_steps - steps < 300
+
+
+def test_tokenize_and_list_models(live, stub):
+    tokens = stub.Tokenize(pb.TokenizeRequest(text="Hello world", add_special_tokens=True))
+    assert list(tokens.token_ids) == live.engine.tokenizer.encode("Hello world") and tokens.max_model_len == 512
+    models = stub.ListModels(pb.ListModelsRequest())
+    assert [m.id for m in models.models] == [MODEL_NAME]
+
+
+def test_health_and_reflection(live):
+    with grpc.insecure_channel(live.grpc_target) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="lmserve.v1.Inference"))
+        assert status.status == health_pb2.HealthCheckResponse.SERVING
+        responses = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert {"lmserve.v1.Inference", "grpc.health.v1.Health"} <= names
+
+
+def test_async_streaming_clients_concurrently(live):
+    async def main():
+        async with grpc.aio.insecure_channel(live.grpc_target) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+
+            async def one(i):
+                tokens = []
+                async for r in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10 + i, 11]),
+                                                                sampling=greedy(6))):
+                    tokens += r.chunk.token_ids
+                return tokens
+            return await asyncio.gather(*(one(i) for i in range(20)))
+    results = asyncio.run(main())
+    assert all(len(t) == 6 for t in results)
+    assert live.wait_until_all_blocks_free()
