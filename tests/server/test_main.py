@@ -30,10 +30,13 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def server_url():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--grpc-port", str(free_port()),
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--grpc-port", str(GRPC_PORT),
                              "--kv-cache-tokens", "4096"],
                             cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -63,6 +66,26 @@ def test_serves_the_default_model(server_url):
     status, again = post(server_url + "/generate", {"prompt": "Hello", "max_tokens": 5, "temperature": 0,
                                                     "ignore_eos": True})
     assert again["token_ids"] == body["token_ids"]
+
+
+def test_openai_client_and_grpc_against_the_real_process(server_url):
+    import grpc
+    import openai
+
+    from server.grpc_gen import inference_pb2 as pb
+    from server.grpc_gen import inference_pb2_grpc as pb_grpc
+
+    client = openai.OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["lmserve-default"]
+    completion = client.completions.create(model="lmserve-default", prompt="Hello", max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    chunks = list(client.chat.completions.create(model="lmserve-default", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=4, stream=True, stream_options={"include_usage": True}))
+    assert completion.usage.completion_tokens == 6 and chunks[-1].usage.completion_tokens <= 4
+    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+        result = pb_grpc.InferenceStub(channel).GenerateUnary(pb.GenerateRequest(
+            text="Hello", sampling=pb.SamplingParameters(max_tokens=6, temperature=0, ignore_eos=True)))
+    assert result.text == completion.choices[0].text  # one engine behind both frontends
 
 
 def test_logprobs_come_back_for_output_and_prompt(server_url):
