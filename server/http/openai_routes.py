@@ -152,7 +152,7 @@ class OpenAIRoutes:
                 async for out in stream:
                     c.add(out)
         work = asyncio.gather(*(drain(c, s) for c, s in zip(choices, streams)))
-        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
             if work not in done:        # the client went away: stop generating for it
@@ -240,7 +240,8 @@ def _copy_params(params: SamplingParams, index: int) -> SamplingParams:
     return copy
 
 
-async def _wait_for_disconnect(request: Request):
+async def wait_for_disconnect(request: Request):
+    """Returns when the client has gone away (the body must have been read already)."""
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":

@@ -186,3 +186,9 @@ def test_client_disconnect_aborts_the_request_and_frees_blocks(live):
         httpx.post(live.url + "/v1/completions", json=body, timeout=0.1)  # non-streaming, gives up early
     assert live.wait_until_all_blocks_free()
     assert live.engine.num_steps - steps < 300
+    steps = live.engine.num_steps
+    generate = {"prompt": "Keep going", "max_tokens": 400, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(live.url + "/generate", json=generate, timeout=0.1)      # the minimal endpoint too
+    assert live.wait_until_all_blocks_free()
+    assert live.engine.num_steps - steps < 300
