@@ -121,7 +121,7 @@ class OpenAIRoutes:
                     yield head("chat.completion.chunk") | {"choices": [
                         {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}]}
                 if req.include_usage:
-                    yield head("chat.completion.chunk") | {"choices": [], "usage": self._usage(choices, 1)}
+                    yield head("chat.completion.chunk") | {"choices": [], "usage": self._usage(choices, req.n)}
             return _sse(chunks(), streams)
 
         await self._collect(request, choices, streams)

@@ -67,6 +67,15 @@ def test_streaming_with_usage(client):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
 
 
+def test_streamed_usage_counts_a_shared_prompt_once(client):
+    kwargs = dict(model=MODEL_NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, n=2,
+                  extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens == 6
+
+
 def test_completion_streaming_matches_non_streaming(client):
     kwargs = dict(model=MODEL_NAME, prompt="Once upon", max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs))
