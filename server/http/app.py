@@ -6,7 +6,6 @@ method or content included), 404 for an unknown model or route, 500 only for the
 POST /generate {"prompt": str | [int], "stream": bool, "request_id": str, ...SamplingParams fields}
 answers {"text", "token_ids", "finish_reason", "usage"}, or server-sent events of deltas when streaming.
 """
-import asyncio
 import dataclasses
 import json
 import logging
@@ -19,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from server.engine import AsyncEngine
-from server.http.openai_routes import OpenAIRoutes, wait_for_disconnect
+from server.http.openai_routes import OpenAIRoutes, until_disconnect
 from server.http.protocol import ApiError
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
@@ -108,17 +107,10 @@ def build_app(engine: AsyncEngine) -> Starlette:
             raise ApiError(400, str(e)) from None
         if body.get("stream"):
             return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
-        work = asyncio.ensure_future(_drain(first, stream))
-        watcher = asyncio.ensure_future(wait_for_disconnect(request))
         try:
-            await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():           # the client went away: closing the stream aborts the request
-                work.cancel()
-                raise ApiError(499, "client disconnected", type_="client_disconnected")
-            return JSONResponse(_merge(work.result()))
+            return JSONResponse(_merge(await until_disconnect(request, _drain(first, stream))))
         finally:
-            watcher.cancel()
-            await stream.aclose()
+            await stream.aclose()  # after a disconnect, closing the stream aborts the request
 
     async def api_error(_: Request, exc: ApiError) -> Response:
         return JSONResponse(exc.body(), exc.status)

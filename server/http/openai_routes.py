@@ -151,16 +151,9 @@ class OpenAIRoutes:
             if not c.last.finished:
                 async for out in stream:
                     c.add(out)
-        work = asyncio.gather(*(drain(c, s) for c, s in zip(choices, streams)))
-        watcher = asyncio.ensure_future(wait_for_disconnect(request))
         try:
-            done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if work not in done:        # the client went away: stop generating for it
-                work.cancel()
-                raise ApiError(499, "client disconnected", type_="client_disconnected")
-            work.result()
+            await until_disconnect(request, asyncio.gather(*(drain(c, s) for c, s in zip(choices, streams))))
         finally:
-            watcher.cancel()
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
 
     async def _pump(self, choices: list[Choice], streams):
@@ -240,12 +233,22 @@ def _copy_params(params: SamplingParams, index: int) -> SamplingParams:
     return copy
 
 
-async def wait_for_disconnect(request: Request):
-    """Returns when the client has gone away (the body must have been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+async def until_disconnect(request: Request, work):
+    """work's result, unless the client goes away first: then work is cancelled and a 499 ApiError raised.
+
+    The request body must have been read already."""
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    work, watcher = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            raise ApiError(499, "client disconnected", type_="client_disconnected")
+        return work.result()
+    finally:
+        watcher.cancel()
 
 
 def _sse(chunks, streams) -> StreamingResponse:
