@@ -14,11 +14,11 @@ import time
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from server.engine import AsyncEngine
-from server.http.openai_routes import OpenAIRoutes, until_disconnect
+from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
 from server.http.protocol import ApiError
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
@@ -106,7 +106,7 @@ def build_app(engine: AsyncEngine) -> Starlette:
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None
         if body.get("stream"):
-            return StreamingResponse(_sse(first, stream), media_type="text/event-stream")
+            return sse_response(_deltas(first, stream), [stream])
         try:
             return JSONResponse(_merge(await until_disconnect(request, _drain(first, stream))))
         finally:
@@ -146,14 +146,10 @@ async def _drain(first: RequestOutput, stream) -> list[RequestOutput]:
     return [first] + [o async for o in stream]
 
 
-async def _sse(first: RequestOutput, stream):
-    try:
-        yield f"data: {json.dumps(_delta(first))}\n\n"
-        async for out in stream:
-            yield f"data: {json.dumps(_delta(out))}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        await stream.aclose()  # a disconnected client lands here: closing the stream aborts the request
+async def _deltas(first: RequestOutput, stream):
+    yield _delta(first)
+    async for out in stream:
+        yield _delta(out)
 
 
 def _scored(t) -> dict | None:

@@ -75,7 +75,7 @@ class OpenAIRoutes:
                     yield head("text_completion") | {"choices": [choice_body(c, out.text, out.finish_reason, lp)]}
                 if req.include_usage:
                     yield head("text_completion") | {"choices": [], "usage": self._usage(choices, req.n)}
-            return _sse(chunks(), streams)
+            return sse_response(chunks(), streams)
 
         await self._collect(request, choices, streams)
         result = []
@@ -122,7 +122,7 @@ class OpenAIRoutes:
                         {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}]}
                 if req.include_usage:
                     yield head("chat.completion.chunk") | {"choices": [], "usage": self._usage(choices, req.n)}
-            return _sse(chunks(), streams)
+            return sse_response(chunks(), streams)
 
         await self._collect(request, choices, streams)
         result = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -251,7 +251,8 @@ async def until_disconnect(request: Request, work):
         watcher.cancel()
 
 
-def _sse(chunks, streams) -> StreamingResponse:
+def sse_response(chunks, streams) -> StreamingResponse:
+    """Server-sent events of the JSON chunks, then [DONE]; closing early closes the engine streams (abort)."""
     async def events():
         try:
             async for chunk in chunks:
