@@ -5,6 +5,8 @@ import logging
 import sys
 
 from server.config import DTYPES, EngineConfig
+from server.layers.ops import KERNEL_CHOICES
+from server.quantization.config import QUANT_CHOICES
 
 log = logging.getLogger("lmserve")
 
@@ -37,6 +39,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                    help="weight and activation dtype; auto: float32 on CPU, the checkpoint's dtype on CUDA")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--quant", choices=QUANT_CHOICES, default=d.quant,
+                   help="weight quantization at load: int8 (per channel), int4 (group-wise, GPTQ layout), "
+                        "bnb-int8 or nf4 (bitsandbytes); GPTQ checkpoints are detected without it")
+    p.add_argument("--quant-group-size", type=int, default=d.quant_group_size,
+                   help="input channels per scale group for --quant int4 (-1: one group per row)")
+    p.add_argument("--kernels", choices=KERNEL_CHOICES, default=d.kernels,
+                   help="auto: Triton kernels on CUDA, torch references on CPU")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the requests that bring no seed of their own")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
@@ -48,7 +57,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_wait_ms=args.max_wait_ms, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
-        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed)
+        enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, quant=args.quant,
+        quant_group_size=args.quant_group_size, kernels=args.kernels)
 
 
 async def serve(args: argparse.Namespace):

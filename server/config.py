@@ -1,6 +1,9 @@
 """EngineConfig: every engine knob in one validated dataclass (the CLI fills it, tests build it directly)."""
 from dataclasses import dataclass
 
+from server.layers.ops import KERNEL_CHOICES
+from server.quantization.config import QUANT_CHOICES
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -19,8 +22,17 @@ class EngineConfig:
     kv_cache_memory_fraction: float | None = None  # share of free memory for the KV cache (default 0.9 CUDA, 0.2 CPU)
     enable_prefix_caching: bool = True
     seed: int = 0                         # seeds requests that bring no seed of their own
+    quant: str = "none"                   # none | int8 | int4 | bnb-int8 | nf4; GPTQ checkpoints are detected
+    quant_group_size: int = 128           # input channels per scale group for --quant int4 (-1: whole row)
+    kernels: str = "auto"                 # auto: Triton kernels on CUDA, torch references elsewhere
 
     def __post_init__(self):
+        if self.quant not in QUANT_CHOICES:
+            raise ValueError(f"quant must be one of {', '.join(QUANT_CHOICES)}; got {self.quant!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}; got {self.kernels!r}")
+        if self.quant_group_size != -1 and (self.quant_group_size < 8 or self.quant_group_size % 8):
+            raise ValueError(f"quant_group_size must be -1 or a positive multiple of 8; got {self.quant_group_size}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):

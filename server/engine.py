@@ -61,7 +61,10 @@ class AsyncEngine:
         if self.max_model_len > hf_config.max_position_embeddings:
             raise ValueError(f"max_model_len must be at most the model's max_position_embeddings "
                              f"({hf_config.max_position_embeddings}); got {self.max_model_len}")
-        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
+        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len, config.quant,
+                                config.quant_group_size, config.kernels)
+        if self.model.ops.name == "triton" and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
+            raise ValueError(f"block_size must be a power of two >= 16 with the Triton kernels; got {config.block_size}")
         mc = self.model.config
         self.vocab_size = mc.vocab_size
         per_token = kv_cache_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
@@ -77,6 +80,7 @@ class AsyncEngine:
         self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids)
         self.metrics = EngineMetrics(self.model_name, self._metrics_state)
+        self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
         self._rng = random.Random(config.seed)
         self._requests: dict[str, _Request] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")

@@ -1,4 +1,8 @@
-"""Load a Hugging Face checkpoint directory into our model: config via transformers, weights from safetensors only."""
+"""Load a Hugging Face checkpoint directory into our model: config via transformers, weights from safetensors only.
+
+Float checkpoints load as they are, or are quantized layer by layer as their weights arrive (--quant);
+GPTQ checkpoints (auto-gptq / GPTQModel / optimum) are detected and their packed tensors read by name.
+"""
 import json
 import logging
 from pathlib import Path
@@ -7,8 +11,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from server.layers.linear import LinearFactory, weight_bytes
+from server.layers.ops import select_ops
 from server.models.llama import LlamaForCausalLM
 from server.models.model_config import ModelConfig
+from server.quantization.config import gptq_config_in, resolve_quant
 
 log = logging.getLogger(__name__)
 
@@ -44,25 +51,46 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int) -> LlamaForCausalLM:
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
+               quant: str = "none", group_size: int = 128, kernels: str = "auto") -> LlamaForCausalLM:
     path = Path(path)
-    cfg = ModelConfig.from_hf(load_hf_config(path))
+    hf_config = load_hf_config(path)
+    cfg = ModelConfig.from_hf(hf_config)
+    try:
+        quant_config = resolve_quant(quant, group_size, gptq_config_in(path, hf_config))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    linear = LinearFactory(quant_config, select_ops(device, kernels))
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are created in the serving dtype, never as a float32 copy first
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg, max_positions)
+            model = LlamaForCausalLM(cfg, max_positions, linear)
     finally:
         torch.set_default_dtype(default_dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
+    # Quantized layers over a float checkpoint take `<layer>.weight` through load_float_weight.
+    float_fed = {name: m for name, m in model.named_modules() if hasattr(m, "load_float_weight")}
+    expected = set(params) - {f"{name}.{p}" for name, m in float_fed.items()
+                              for p, _ in m.named_parameters(recurse=False) if p != "bias"}
+    expected |= {f"{name}.weight" for name in float_fed}
+    expected -= {n for n in params if n.endswith(".g_idx")}  # optional: a missing g_idx is the plain grouping
     loaded = set()
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
                     continue
+                module_name, _, leaf = name.rpartition(".")
+                if leaf == "weight" and module_name in float_fed:
+                    float_fed[module_name].load_float_weight(f.get_tensor(name))
+                    loaded.add(name)
+                    continue
                 if name not in params:
-                    raise CheckpointError(f"{file.name}: unexpected tensor {name!r} for {cfg.architecture}")
+                    if leaf == "bias" and _is_zero(f.get_tensor(name)):
+                        continue  # auto-gptq writes an all-zero bias for every quantized layer
+                    raise CheckpointError(f"{file.name}: unexpected tensor {name!r} for {cfg.architecture}"
+                                          + _quant_hint(leaf, quant_config))
                 tensor = f.get_tensor(name)
                 param = params[name]
                 if tensor.shape != param.shape:
@@ -71,8 +99,25 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                 param.data.copy_(tensor)
                 loaded.add(name)
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    missing = sorted(set(params) - loaded - tied)
+    missing = sorted(expected - loaded - tied)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-    log.info("loaded %s from %s (%d tensors)", cfg.architecture, path, len(loaded))
+    model.weight_bytes = weight_bytes(model)
+    model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
+                                    if name.endswith("_proj") and "." in name)
+    log.info("loaded %s from %s (%d tensors, %s, %s kernels): weights %.1f MiB, of which linear layers %.1f MiB",
+             cfg.architecture, path, len(loaded), quant_config.method if quant_config else "no quantization",
+             linear.ops.name, model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20)
     return model.eval()
+
+
+def _is_zero(t: torch.Tensor) -> bool:
+    return not bool(t.any())
+
+
+def _quant_hint(leaf: str, quant_config) -> str:
+    if leaf in ("qweight", "qzeros", "scales", "g_idx") and quant_config is None:
+        return " (a GPTQ tensor, but the checkpoint declares no quantization_config)"
+    if leaf == "weight" and quant_config is not None and quant_config.method == "gptq":
+        return " (a float weight in a GPTQ checkpoint)"
+    return ""

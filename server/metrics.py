@@ -42,8 +42,16 @@ class EngineMetrics:
         self.prefix_hit_ratio = Gauge("lmserve_prefix_cache_hit_ratio",
                                       "Prompt tokens served from the prefix cache over prompt tokens looked up.",
                                       registry=r)
+        self.weight_bytes = Gauge("lmserve_model_weight_bytes",
+                                  "Bytes the model weights take on the device; part=linear: the decoder layers' "
+                                  "projections (what quantization shrinks), part=all: every weight.",
+                                  m + ["part"], registry=r)
         self.preemptions = Counter("lmserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                    registry=r)
+
+    def set_weight_bytes(self, total: int, linear: int):
+        self.weight_bytes.labels(self.model_name, "all").set(total)
+        self.weight_bytes.labels(self.model_name, "linear").set(linear)
 
     def on_scheduled(self, seq: Sequence, now: float):
         self.queue_time.labels(self.model_name).observe(now - seq.arrival_time)

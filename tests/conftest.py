@@ -6,6 +6,10 @@ import random
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's interpreter; this must be set before any kernel is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from server.default_model import build_checkpoint
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

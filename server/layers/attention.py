@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache (plain-torch path): write new K/V into their slots, read K/V by block table.
+"""The attention metadata the model runner builds for kernels/paged_attention.py (Triton and torch reference).
 
 The model runner lays the flat batch out as AttentionGroups: B sequences that each advance by the same n
 tokens, contiguous in the batch. All decodes form one group (n = 1); prompt chunks of equal length another.
@@ -6,7 +6,6 @@ tokens, contiguous in the batch. All decodes form one group (n = 1); prompt chun
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass
@@ -37,24 +36,3 @@ class AttentionGroup:
 class AttentionMetadata:
     slot_mapping: torch.Tensor    # [T] cache slot where each new token's K/V goes
     groups: list[AttentionGroup]
-
-
-def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, window: int | None):
-    # q: [T, Hq, Dh]; k, v: [T, Hkv, Dh]; k_cache, v_cache: [num_blocks, block_size, Hkv, Dh]
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    slots = meta.slot_mapping
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
-    out = torch.empty_like(q)
-    for g in meta.groups:
-        batch, num_queries = g.shape
-        qs = q[g.tokens].view(batch, num_queries, *q.shape[1:]).transpose(1, 2)   # [B, Hq, Q, Dh]
-        # Whole blocks are gathered (index_select: 3x faster than advanced indexing on CPU), then seen as one
-        # key axis of MB * block_size positions.
-        blocks = g.block_tables.view(-1)
-        ks = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
-        vs = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask(window, block_size), scale=scale,
-                                           enable_gqa=num_kv_heads != q.shape[1])
-        out[g.tokens] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
-    return out

@@ -1,14 +1,136 @@
-"""Linear layer for full-precision weights; its parameters are filled by the loader, never initialised."""
+"""Linear layers: full precision, int8, GPTQ (also int4 round-to-nearest), and bitsandbytes; one is chosen at load.
+
+Parameters are filled by the loader, never initialised. A quantized layer built over a float checkpoint
+takes each float weight through load_float_weight(), so only one float tensor is ever held at a time;
+a GPTQ checkpoint fills qweight / qzeros / scales / g_idx by name.
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from server.layers.ops import Ops
+from server.quantization.config import QuantConfig
+from server.quantization.rtn import quantize_int8, quantize_rtn
+
+
+def _param(*shape, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
 class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.weight = _param(out_features, in_features)
+        self.bias = _param(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 with a float32 scale per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops):
+        super().__init__()
+        self.ops = ops
+        self.weight = _param(out_features, in_features, dtype=torch.int8)
+        self.scales = _param(out_features, dtype=torch.float32)
+        self.bias = _param(out_features) if bias else None
+
+    def load_float_weight(self, w: torch.Tensor):
+        q, scales = quantize_int8(w.to(self.weight.device))
+        self.weight.data.copy_(q)
+        self.scales.data.copy_(scales)
+
+    def forward(self, x):
+        y = self.ops.w8a16_matmul(x, self.weight, self.scales)
+        return y if self.bias is None else y + self.bias
+
+
+class GPTQLinear(nn.Module):
+    """4- or 8-bit group-wise weights in the GPTQ packed layout (kernels/quant_matmul.py), read as written."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops, quant: QuantConfig):
+        super().__init__()
+        pack = 32 // quant.bits
+        if in_features % pack or out_features % pack:
+            raise ValueError(f"{quant.bits}-bit GPTQ needs in and out features divisible by {pack}; "
+                             f"got {in_features} x {out_features}")
+        self.ops, self.quant = ops, quant
+        groups = quant.num_groups(in_features)
+        self.qweight = _param(in_features // pack, out_features, dtype=torch.int32)
+        self.qzeros = _param(groups, out_features // pack, dtype=torch.int32)
+        self.scales = _param(groups, out_features)
+        gs = in_features if quant.group_size == -1 else quant.group_size
+        # A checkpoint without g_idx uses the plain grouping.
+        self.g_idx = nn.Parameter(torch.arange(in_features, dtype=torch.int32) // gs, requires_grad=False)
+        self.bias = _param(out_features) if bias else None
+
+    def load_float_weight(self, w: torch.Tensor):
+        q = self.quant
+        for name, tensor in quantize_rtn(w.to(self.qweight.device), q.bits, q.group_size, q.sym).items():
+            getattr(self, name).data.copy_(tensor)
+
+    def forward(self, x):
+        y = self.ops.gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.quant.bits,
+                                 self.quant.zero_offset)
+        return y if self.bias is None else y + self.bias
+
+
+class BnbLinear(nn.Module):
+    """bitsandbytes LLM.int8 (bnb-int8) or NF4, built when the float weight arrives."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant: QuantConfig):
+        super().__init__()
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"--quant {quant.method} needs bitsandbytes: pip install bitsandbytes") from e
+        self.in_features, self.out_features, self.method = in_features, out_features, quant.method
+        self.device, self.dtype = torch.empty(0).device, torch.get_default_dtype()  # the loader's device and dtype
+        self.bias = _param(out_features) if bias else None
+        self.inner = None
+
+    def load_float_weight(self, w: torch.Tensor):
+        import bitsandbytes as bnb
+        w = w.to(torch.float16)
+        if self.method == "bnb-int8":
+            inner = bnb.nn.Linear8bitLt(self.in_features, self.out_features, bias=False, has_fp16_weights=False,
+                                        threshold=6.0, device="meta")
+            inner.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            inner = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=False, quant_type="nf4",
+                                      compute_dtype=self.dtype, device="meta")
+            inner.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        self.inner = inner.to(self.device)
+
+    def forward(self, x):
+        y = self.inner(x).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of a module's weights, including the scales bitsandbytes keeps beside its quantized tensors."""
+    total = sum(p.numel() * p.element_size() for p in module.parameters())
+    for m in module.modules():
+        weight = getattr(m, "weight", None)
+        extras = [getattr(weight, "SCB", None), getattr(getattr(weight, "quant_state", None), "absmax", None)]
+        total += sum(t.numel() * t.element_size() for t in extras if isinstance(t, torch.Tensor))
+    return total
+
+
+class LinearFactory:
+    """Builds the projections of the decoder layers in the chosen quantization (lm_head stays float)."""
+
+    def __init__(self, quant: QuantConfig | None, ops: Ops):
+        self.quant, self.ops = quant, ops
+
+    def __call__(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
+        q = self.quant
+        if q is None:
+            return Linear(in_features, out_features, bias)
+        if q.method == "int8":
+            return Int8Linear(in_features, out_features, bias, self.ops)
+        if q.method == "gptq":
+            return GPTQLinear(in_features, out_features, bias, self.ops, q)
+        return BnbLinear(in_features, out_features, bias, q)

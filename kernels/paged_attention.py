@@ -1,0 +1,150 @@
+"""Attention over the paged KV cache: write new K/V into their slots, then attend through block tables.
+
+The batch comes as AttentionGroups (server/layers/attention.py): B sequences that each advance by the same
+Q tokens. Q = 1 (decode) runs a kernel with one program per (sequence, KV head) that serves every query
+head of that KV head, so each K/V block is read once for the whole GQA group. Q > 1 (prefill and chunked
+prefill over a cached prefix) runs one program per (sequence, query head, BLOCK_M queries). Both walk the
+block table with an online softmax in float32 and honour a sliding window.
+"""
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, window: int | None):
+    # q: [T, Hq, Dh]; k, v: [T, Hkv, Dh]; k_cache, v_cache: [num_blocks, block_size, Hkv, Dh]
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    slots = meta.slot_mapping
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    out = torch.empty_like(q)
+    for g in meta.groups:
+        batch, num_queries = g.shape
+        qs = q[g.tokens].view(batch, num_queries, *q.shape[1:]).transpose(1, 2)   # [B, Hq, Q, Dh]
+        # Whole blocks are gathered (index_select: 3x faster than advanced indexing on CPU), then seen as one
+        # key axis of MB * block_size positions.
+        blocks = g.block_tables.view(-1)
+        ks = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        vs = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask(window, block_size), scale=scale,
+                                           enable_gqa=num_kv_heads != q.shape[1])
+        out[g.tokens] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+    return out
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.where(slot >= 0, ROW, 0)  # slot -1 marks a padding row: nothing written
+    tl.store(kc_ptr + slot * ROW + offs, tl.load(k_ptr + t * ROW + offs, mask=mask), mask=mask)
+    tl.store(vc_ptr + slot * ROW + offs, tl.load(v_ptr + t * ROW + offs, mask=mask), mask=mask)
+
+
+@triton.jit
+def _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dmask, kv_head, scale, window,
+                  HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    # One cache block of keys against a [R, Dh] tile of queries at positions q_pos [R]; online softmax.
+    offs = (block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE))[:, None] * (HKV * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
+    k = tl.load(kc_ptr + offs, mask=dmask[None, :], other=0.0)
+    v = tl.load(vc_ptr + offs, mask=dmask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale                                  # [R, BLOCK_SIZE]
+    visible = key_pos[None, :] <= q_pos[:, None]
+    if HAS_WINDOW:
+        visible &= key_pos[None, :] > q_pos[:, None] - window
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no visible key yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, scale, window, MAX_BLOCKS,
+                   HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    b, kv_head = tl.program_id(0), tl.program_id(1)
+    GROUP: tl.constexpr = HQ // HKV
+    g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
+    heads, dmask = kv_head * GROUP + g, d < HEAD_DIM
+    qmask = (g[:, None] < GROUP) & dmask[None, :]
+    q = tl.load(q_ptr + b * HQ * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :], mask=qmask, other=0.0)
+    pos = tl.load(qpos_ptr + b)
+    q_pos = tl.zeros((BLOCK_G,), dtype=tl.int64) + pos
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    first = 0
+    if HAS_WINDOW:
+        first = tl.maximum(pos - window + 1, 0) // BLOCK_SIZE
+    for j in range(first, pos // BLOCK_SIZE + 1):
+        block = tl.load(bt_ptr + b * MAX_BLOCKS + j)
+        key_pos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dmask, kv_head,
+                                      scale, window, HKV, HEAD_DIM, BLOCK_SIZE, HAS_WINDOW)
+    out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # 0 only in masked padding rows
+    tl.store(o_ptr + b * HQ * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=qmask)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, scale, window, MAX_BLOCKS, Q,
+                    HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    b, head, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kv_head = head // (HQ // HKV)
+    m, d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
+    mmask, dmask = m < Q, d < HEAD_DIM
+    rows = b * Q + m
+    qmask = mmask[:, None] & dmask[None, :]
+    q = tl.load(q_ptr + rows[:, None] * (HQ * HEAD_DIM) + head * HEAD_DIM + d[None, :], mask=qmask, other=0.0)
+    q_pos = tl.load(qpos_ptr + rows, mask=mmask, other=0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    first = 0
+    if HAS_WINDOW:
+        lowest = tl.min(tl.where(mmask, q_pos, 1 << 40), axis=0)
+        first = tl.maximum(lowest - window + 1, 0) // BLOCK_SIZE
+    for j in range(first, tl.max(q_pos, axis=0) // BLOCK_SIZE + 1):
+        block = tl.load(bt_ptr + b * MAX_BLOCKS + j)
+        key_pos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dmask, kv_head,
+                                      scale, window, HKV, HEAD_DIM, BLOCK_SIZE, HAS_WINDOW)
+    out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # 0 only in masked padding rows
+    tl.store(o_ptr + rows[:, None] * (HQ * HEAD_DIM) + head * HEAD_DIM + d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=qmask)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping):
+    row = k.shape[1] * k.shape[2]
+    assert k.is_contiguous() and v.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
+    _write_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+def paged_attention(q, k, v, k_cache, v_cache, meta, scale: float, window: int | None, block_m: int = 64):
+    """Same contract as paged_attention_reference; block_size must be a power of two >= 16 (tl.dot tiles)."""
+    T, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    assert block_size >= 16 and block_size & (block_size - 1) == 0, "the Triton path needs block_size 16, 32, 64..."
+    assert q.is_contiguous() and num_heads % num_kv_heads == 0
+    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    out = torch.empty_like(q)
+    common = dict(HQ=num_heads, HKV=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+                  BLOCK_SIZE=block_size, HAS_WINDOW=window is not None)
+    for g in meta.groups:
+        batch, num_queries = g.shape
+        args = (q[g.tokens], out[g.tokens], k_cache, v_cache, g.block_tables, g.query_positions, scale, window or 0,
+                g.block_tables.shape[1])
+        if num_queries == 1:
+            group = max(16, triton.next_power_of_2(num_heads // num_kv_heads))
+            _decode_kernel[(batch, num_kv_heads)](*args, BLOCK_G=group, **common)
+        else:
+            bm = min(block_m, max(16, triton.next_power_of_2(num_queries)))
+            _prefill_kernel[(batch, num_heads, triton.cdiv(num_queries, bm))](*args, num_queries, BLOCK_M=bm, **common)
+    return out

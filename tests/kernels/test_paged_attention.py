@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from kernels.paged_attention import paged_attention, paged_attention_reference
+from server.layers.attention import AttentionGroup, AttentionMetadata
+from tests.kernels.conftest import DEVICE, DOT_DTYPES, close
+
+BLOCK = 16
+
+
+def build_batch(groups: list[tuple[int, list[int]]], heads: int, kv_heads: int, head_dim: int, dtype, num_blocks=96):
+    """groups: (queries per row, first query position of each row). Every row gets its own shuffled blocks;
+    the cache holds random keys and values (earlier positions are the cached prefix)."""
+    free = torch.randperm(num_blocks).tolist()
+    slots, meta_groups, offset = [], [], 0
+    for num_queries, starts in groups:
+        tables, positions = [], []
+        for start in starts:
+            last = start + num_queries - 1
+            table = [free.pop() for _ in range(last // BLOCK + 1)]
+            tables.append(table)
+            positions.append(list(range(start, last + 1)))
+            slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in positions[-1]]
+        width = max(len(t) for t in tables)
+        tables = [t + [0] * (width - len(t)) for t in tables]
+        rows = num_queries * len(starts)
+        meta_groups.append(AttentionGroup(slice(offset, offset + rows), torch.tensor(tables, device=DEVICE),
+                                          torch.tensor(positions, device=DEVICE)))
+        offset += rows
+    T = offset
+    q = torch.randn(T, heads, head_dim, dtype=dtype, device=DEVICE)
+    k = torch.randn(T, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(T, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    cache = torch.randn(2, num_blocks, BLOCK, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    return q, k, v, cache, AttentionMetadata(torch.tensor(slots, device=DEVICE), meta_groups)
+
+
+CASES = {
+    "decode": [(1, [0, 5, 37, 80, 130])],
+    "prefill": [(21, [0, 0])],
+    "chunk_after_prefix": [(20, [33, 16, 70])],
+    "mixed": [(1, [3, 64]), (9, [0, 40]), (40, [7])],
+}
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 16), (4, 4, 64), (8, 1, 24)])
+@pytest.mark.parametrize("window", [None, 24])
+def test_paged_attention_matches_reference(case, heads, kv_heads, head_dim, window, dtype):
+    q, k, v, cache, meta = build_batch(CASES[case], heads, kv_heads, head_dim, dtype)
+    ref_cache = cache.clone()
+    ref = paged_attention_reference(q, k, v, ref_cache[0], ref_cache[1], meta, head_dim ** -0.5, window)
+    out = paged_attention(q, k, v, cache[0], cache[1], meta, head_dim ** -0.5, window, block_m=16)
+    assert torch.equal(cache, ref_cache), "new K/V written to other slots than the reference writes"
+    close(out, ref, dtype, scale=4)
+
+
+def test_decode_attends_only_to_keys_up_to_its_position():
+    # Keys after the query's position hold huge values: any leak would dominate the output.
+    q, k, v, cache, meta = build_batch([(1, [20])], 2, 1, 16, torch.float32)
+    (block_table,) = meta.groups[0].block_tables.tolist()
+    cache[1, block_table[1], 5:] = 1e4   # positions 21..31, after the query at 20
+    out = paged_attention(q, k, v, cache[0], cache[1], meta, 0.25, None)
+    assert out.abs().max() < 100

@@ -1,0 +1,70 @@
+import pytest
+import torch
+
+from kernels.quant_matmul import (GEMV_MAX_M, dequantize_gptq, gptq_matmul, gptq_reference, pack, unpack,
+                                  w8a16_matmul, w8a16_reference)
+from tests.kernels.conftest import DEVICE, DOT_DTYPES, close
+
+# M = 1 and 5 take the GEMV kernel, 33 and 123 the tiled one.
+M_VALUES = [1, 5, 33, 123]
+assert min(M_VALUES[2:]) > GEMV_MAX_M >= max(M_VALUES[:2])
+
+
+def random_gptq(K: int, N: int, bits: int, group_size: int, act_order: bool):
+    pack_n = 32 // bits
+    groups = -(-K // group_size)
+    codes = torch.randint(0, 2**bits, (K, N))
+    zeros = torch.randint(0, 2**bits, (groups, N))
+    scales = torch.rand(groups, N) / (2**bits * 8) + 1e-3
+    g_idx = torch.arange(K) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(K)]
+    tensors = dict(qweight=pack(codes, bits, 0), qzeros=pack(zeros - 1, bits, 1), scales=scales.half(),
+                   g_idx=g_idx.int())
+    dense = scales.half().float()[g_idx] * (codes - zeros[g_idx]).float()   # [K, N], written out independently
+    assert N % pack_n == 0 and K % pack_n == 0
+    return {k: v.to(DEVICE) for k, v in tensors.items()}, dense.to(DEVICE)
+
+
+def test_pack_round_trips_and_puts_the_first_value_in_the_lowest_bits():
+    values = torch.randint(0, 16, (16, 24))
+    assert torch.equal(unpack(pack(values, 4, 0), 4, 0), values)
+    assert torch.equal(unpack(pack(values, 4, 1), 4, 1), values)
+    word = pack(torch.tensor([[1], [2], [0], [0], [0], [0], [0], [15]]), 4, 0)
+    assert word.item() == 1 + (2 << 4) - (1 << 28)  # 0xF0000021 as a signed int32
+
+
+@pytest.mark.parametrize("bits,act_order", [(4, False), (4, True), (8, False), (8, True)])
+def test_dequantize_gptq_matches_the_format(bits, act_order):
+    tensors, dense = random_gptq(64, 40, bits, 16, act_order)
+    assert torch.equal(dequantize_gptq(**tensors, bits=bits), dense)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("M", M_VALUES)
+@pytest.mark.parametrize("K,N", [(64, 40), (200, 96)])
+@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (4, 32, True), (4, 200, False), (8, 64, True)])
+def test_gptq_matmul_matches_reference(M, K, N, bits, group_size, act_order, dtype):
+    tensors, dense = random_gptq(K, N, bits, group_size, act_order)
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    ref = gptq_reference(x, **tensors, bits=bits)
+    close(ref, (x.float() @ dense).to(dtype), dtype, scale=4)
+    close(gptq_matmul(x, **tensors, bits=bits), ref, dtype, scale=4)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("M", M_VALUES)
+@pytest.mark.parametrize("K,N", [(64, 40), (123, 77)])
+def test_w8a16_matmul_matches_reference(M, K, N, dtype):
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEVICE)
+    scales = torch.rand(N, device=DEVICE) / 127 / 4
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    ref = w8a16_reference(x, w, scales)
+    close(ref, (x.float() @ (w.float() * scales[:, None]).t()).to(dtype), dtype, scale=4)
+    close(w8a16_matmul(x, w, scales), ref, dtype, scale=4)
+
+
+def test_quant_matmul_keeps_leading_dimensions():
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, device=DEVICE)
+    x = torch.randn(2, 3, 32, device=DEVICE)
+    assert w8a16_matmul(x, w, torch.ones(16, device=DEVICE)).shape == (2, 3, 16)
