@@ -57,7 +57,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
     hf_config = load_hf_config(path)
     cfg = ModelConfig.from_hf(hf_config)
     try:
-        quant_config = resolve_quant(quant, group_size, gptq_config_in(path, hf_config))
+        checkpoint_quant = gptq_config_in(path, hf_config)
+        quant_config = resolve_quant(quant, group_size, checkpoint_quant)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     linear = LinearFactory(quant_config, select_ops(device, kernels))
@@ -70,7 +71,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
         torch.set_default_dtype(default_dtype)
     params = dict(model.named_parameters(remove_duplicate=False))
     # Quantized layers over a float checkpoint take `<layer>.weight` through load_float_weight.
-    float_fed = {name: m for name, m in model.named_modules() if hasattr(m, "load_float_weight")}
+    float_fed = {} if checkpoint_quant else {name: m for name, m in model.named_modules()
+                                             if hasattr(m, "load_float_weight")}
     expected = set(params) - {f"{name}.{p}" for name, m in float_fed.items()
                               for p, _ in m.named_parameters(recurse=False) if p != "bias"}
     expected |= {f"{name}.weight" for name in float_fed}

@@ -60,7 +60,7 @@ class GPTQLinear(nn.Module):
         groups = quant.num_groups(in_features)
         self.qweight = _param(in_features // pack, out_features, dtype=torch.int32)
         self.qzeros = _param(groups, out_features // pack, dtype=torch.int32)
-        self.scales = _param(groups, out_features)
+        self.scales = _param(groups, out_features, dtype=torch.float16)  # float16, as GPTQ checkpoints store them
         gs = in_features if quant.group_size == -1 else quant.group_size
         # A checkpoint without g_idx uses the plain grouping.
         self.g_idx = nn.Parameter(torch.arange(in_features, dtype=torch.int32) // gs, requires_grad=False)
@@ -105,7 +105,8 @@ class BnbLinear(nn.Module):
         self.inner = inner.to(self.device)
 
     def forward(self, x):
-        y = self.inner(x).to(x.dtype)
+        # LLM.int8 computes in float16 (it casts, with a warning per call, otherwise); NF4 in the serving dtype.
+        y = self.inner(x.to(torch.float16) if self.method == "bnb-int8" else x).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
 

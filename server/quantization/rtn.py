@@ -26,7 +26,7 @@ def find_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
         xmin = torch.where(xmin < 0, -xmax, xmin)
     empty = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
+    scale = ((xmax - xmin) / maxq).half().float()  # checkpoints store float16 scales: round them first
     zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-xmin / scale)
     return scale, zero
 
