@@ -32,14 +32,15 @@ async def run_sequential(engine: AsyncEngine, prompts, params) -> float:
 
 async def main(args):
     engine = AsyncEngine(EngineConfig(model=args.model, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                                      kv_cache_tokens=args.kv_cache_tokens, enable_prefix_caching=False))
+                                      kv_cache_tokens=args.kv_cache_tokens, enable_prefix_caching=False,
+                                      quant=args.quant, dtype=args.dtype))
     rng = random.Random(args.seed)
     vocab = engine.vocab_size
     prompts = [[rng.randrange(5, vocab - 64) for _ in range(args.prompt_tokens)] for _ in range(args.num_requests)]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_tokens, ignore_eos=True)
     await run_batch(engine, prompts[:4], params)  # warm-up
     out_tokens = args.num_requests * args.output_tokens
-    print(f"model={engine.model_path} device={engine.device} dtype={engine.dtype} "
+    print(f"model={engine.model_path} device={engine.device} dtype={engine.dtype} quant={args.quant} kernels={engine.model.ops.name} "
           f"requests={args.num_requests} prompt={args.prompt_tokens} output={args.output_tokens}")
     steps0 = engine.num_steps
     batched = await run_batch(engine, prompts, params)
@@ -66,4 +67,6 @@ if __name__ == "__main__":
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--sequential-fraction", type=int, default=8, help="run 1/N of the requests one at a time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quant", default="none", help="as python -m server --quant")
+    p.add_argument("--dtype", default="auto", help="as python -m server --dtype")
     asyncio.run(main(p.parse_args()))

@@ -1,5 +1,5 @@
-"""Triton kernels, one op per file, each beside its plain-torch reference.
+"""Triton kernels, one op per file, each beside the plain-torch reference it is tested against.
 
-Empty until the kernels issue: the CPU path (server/layers/) is the reference every kernel is tested
-against under TRITON_INTERPRET=1, and the runner picks kernels on CUDA once, at load.
+server/layers/ops.py picks the kernels on CUDA and the references elsewhere, once, at load. The tests run
+every kernel in Triton's interpreter (TRITON_INTERPRET=1) on the CPU and compare it with its reference.
 """

@@ -153,3 +153,50 @@ def test_errors_name_what_is_wrong(float_model, gptq_checkpoint, calibration, tm
         main(["--model", float_model, "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="already quantized"):
         main(["--model", gptq_checkpoint, "--out", str(tmp_path / "o"), "--method", "rtn"])
+
+
+def _rewrite(src: str, dst, config_update: dict | None = None, tensors_update=None):
+    """A copy of a checkpoint with its config and tensors edited."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    for key, value in (config_update or {}).items():
+        config["quantization_config"][key] = value
+    (dst / "config.json").write_text(json.dumps(config))
+    (dst / "quantize_config.json").unlink()
+    tensors = load_file(str(dst / "model.safetensors"))
+    if tensors_update:
+        tensors_update(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_gptq_v2_zeros_and_auto_gptq_zero_biases_load_to_the_same_model(gptq_checkpoint, tmp_path):
+    from kernels.quant_matmul import pack, unpack
+
+    def to_v2_with_zero_biases(tensors):
+        for name in [n for n in tensors if n.endswith(".qzeros")]:
+            tensors[name] = pack((unpack(tensors[name], 4, 1) + 1) & 15, 4, 1)   # v2 stores the zero itself
+            out_features = tensors[name.replace("qzeros", "scales")].shape[1]
+            tensors[name.replace("qzeros", "bias")] = torch.zeros(out_features, dtype=torch.float16)
+    v2 = _rewrite(gptq_checkpoint, tmp_path / "v2", {"checkpoint_format": "gptq_v2"}, to_v2_with_zero_biases)
+    expected = logits(load_model(gptq_checkpoint, torch.float32, CPU, 512), PROMPT)
+    assert torch.allclose(logits(load_model(v2, torch.float32, CPU, 512), PROMPT), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("update,message", [
+    ({"quant_method": "awq"}, "'awq' is not supported"),
+    ({"bits": 3}, "bits must be 4 or 8"),
+    ({"lm_head": True}, "quantized lm_head"),
+    ({"checkpoint_format": "marlin"}, "'marlin' is not supported")])
+def test_unsupported_quantization_configs_are_refused(gptq_checkpoint, tmp_path, update, message):
+    with pytest.raises(CheckpointError, match=message):
+        load_model(_rewrite(gptq_checkpoint, tmp_path / "m", update), torch.float32, CPU, 64)
+
+
+def test_a_nonzero_bias_the_architecture_lacks_is_refused(gptq_checkpoint, tmp_path):
+    def add_bias(tensors):
+        tensors["model.layers.0.self_attn.o_proj.bias"] = torch.ones(64, dtype=torch.float16)
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.self_attn.o_proj.bias'"):
+        load_model(_rewrite(gptq_checkpoint, tmp_path / "m", None, add_bias), torch.float32, CPU, 64)

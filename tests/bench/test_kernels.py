@@ -1,0 +1,14 @@
+"""bench.kernels runs end to end (tiny shapes; on CPU in Triton's interpreter) and reports every kernel."""
+import json
+
+from bench.kernels import main
+
+
+def test_smoke_run_reports_every_kernel(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    main(["--smoke", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"fp16 torch.matmul", "int8 w8a16", "int4 gptq g128", "paged decode attention",
+                                       "rms_norm + residual", "silu_and_mul"}
+    assert all(r["ms"] > 0 and r["gbps"] >= 0 for r in rows)
+    assert "% floor" in capsys.readouterr().out
