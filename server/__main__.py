@@ -68,7 +68,10 @@ async def serve(args: argparse.Namespace):
     from server.grpc_service import start_grpc_server
     from server.http.app import build_app
 
-    engine = AsyncEngine(engine_config(args))
+    try:
+        engine = AsyncEngine(engine_config(args))
+    except (ValueError, OSError) as e:  # a bad checkpoint, quantization or kernel choice: say what, no traceback
+        raise SystemExit(f"error: {e}") from None
     config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = uvicorn.Server(config)

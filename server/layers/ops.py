@@ -1,4 +1,5 @@
 """The ops the model calls, picked once at load: the Triton kernels on CUDA, their torch references elsewhere."""
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -23,6 +24,9 @@ def select_ops(device: torch.device, kernels: str = "auto") -> Ops:
     (TRITON_INTERPRET=1 must be set before they are imported), which only tests use."""
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {', '.join(KERNEL_CHOICES)}; got {kernels!r}")
+    if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"the Triton kernels run on CUDA devices, not {device.type} "
+                         f"(set TRITON_INTERPRET=1 to run them in Triton's slow interpreter for testing)")
     from kernels import paged_attention, quant_matmul, rms_norm, rotary, silu_and_mul
     if kernels == "triton" or (kernels == "auto" and device.type == "cuda"):
         return Ops("triton", rms_norm.rms_norm, rotary.rotary, silu_and_mul.silu_and_mul,

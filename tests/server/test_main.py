@@ -129,3 +129,11 @@ def test_bad_flag_value_exits_with_a_message():
     proc = subprocess.run([sys.executable, "-m", "server", "--max-batch-size", "0"], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "max_batch_size must be a positive integer" in proc.stderr
+
+
+def test_a_checkpoint_the_server_cannot_load_exits_with_a_message(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path), "--quant", "int8"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path} is not a Hugging Face checkpoint directory: config.json not found"
+    assert "Traceback" not in proc.stderr

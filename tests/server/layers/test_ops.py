@@ -19,6 +19,12 @@ def test_triton_on_cuda_torch_elsewhere():
         select_ops(torch.device("cpu"), "cutlass")
 
 
+def test_triton_on_cpu_outside_the_interpreter_is_refused_at_load(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="run on CUDA devices"):
+        select_ops(torch.device("cpu"), "triton")
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_engine_on_triton_kernels_matches_hf(checkpoints, hf_reference, arch):
     # On CPU the kernels run in Triton's interpreter: a prefill group, a chunk over a cached prefix, decodes.
