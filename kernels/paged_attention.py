@@ -65,10 +65,13 @@ def _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dm
 
 
 @triton.jit
-def _decode_kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, scale, window, MAX_BLOCKS,
+def _decode_kernel(q_ptr, o_ptr, part_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, scale, window, MAX_BLOCKS,
+                   BLOCKS_PER_PART, NUM_PARTS,
                    HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    b, kv_head = tl.program_id(0), tl.program_id(1)
+                   BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr):
+    # SPLIT: this program covers blocks [part * BLOCKS_PER_PART, ...) of the context only, and leaves its
+    # unnormalised (m, l, acc) in part_ptr [B, HQ, NUM_PARTS, BLOCK_D + 2] for _combine_kernel.
+    b, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads, dmask = kv_head * GROUP + g, d < HEAD_DIM
@@ -82,14 +85,42 @@ def _decode_kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, scale, window
     first = 0
     if HAS_WINDOW:
         first = tl.maximum(pos - window + 1, 0) // BLOCK_SIZE
-    for j in range(first, pos // BLOCK_SIZE + 1):
+    last = pos // BLOCK_SIZE + 1
+    if SPLIT:
+        first = tl.maximum(first, part * BLOCKS_PER_PART)
+        last = tl.minimum(last, (part + 1) * BLOCKS_PER_PART)
+    for j in range(first, last):
         block = tl.load(bt_ptr + b * MAX_BLOCKS + j)
         key_pos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dmask, kv_head,
                                       scale, window, HKV, HEAD_DIM, BLOCK_SIZE, HAS_WINDOW)
-    out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # 0 only in masked padding rows
-    tl.store(o_ptr + b * HQ * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=qmask)
+    if SPLIT:
+        row = ((b * HQ + heads) * NUM_PARTS + part) * (BLOCK_D + 2)
+        gmask = g < GROUP
+        tl.store(part_ptr + row[:, None] + d[None, :], acc, mask=gmask[:, None])
+        tl.store(part_ptr + row + BLOCK_D, m_i, mask=gmask)
+        tl.store(part_ptr + row + BLOCK_D + 1, l_i, mask=gmask)
+    else:
+        out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # 0 only in masked padding rows
+        tl.store(o_ptr + b * HQ * HEAD_DIM + heads[:, None] * HEAD_DIM + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=qmask)
+
+
+@triton.jit
+def _combine_kernel(part_ptr, o_ptr, NUM_PARTS, HQ: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_P: tl.constexpr):
+    # Merges the partitions of one (sequence, head): rescale each by exp(m_p - max m), sum, normalise.
+    b, head = tl.program_id(0), tl.program_id(1)
+    p, d = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_D)
+    row = ((b * HQ + head) * NUM_PARTS + p) * (BLOCK_D + 2)
+    pmask = p < NUM_PARTS
+    m = tl.load(part_ptr + row + BLOCK_D, mask=pmask, other=float("-inf"))
+    l = tl.load(part_ptr + row + BLOCK_D + 1, mask=pmask, other=0.0)
+    acc = tl.load(part_ptr + row[:, None] + d[None, :], mask=pmask[:, None], other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))   # a partition past the context saw no key
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(o_ptr + (b * HQ + head) * HEAD_DIM + d, out.to(o_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
 @triton.jit
@@ -127,8 +158,20 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
     _write_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, ROW=row, BLOCK=triton.next_power_of_2(row))
 
 
-def paged_attention(q, k, v, k_cache, v_cache, meta, scale: float, window: int | None, block_m: int = 64):
-    """Same contract as paged_attention_reference; block_size must be a power of two >= 16 (tl.dot tiles)."""
+def decode_partitions(batch: int, num_kv_heads: int, max_blocks: int, min_programs: int, min_part_blocks: int) -> int:
+    """How many pieces to split each decode's context into, so that a small batch still fills the GPU
+    (flash-decoding): enough programs for min_programs, each piece at least min_part_blocks long."""
+    programs = batch * num_kv_heads
+    if programs >= min_programs:
+        return 1
+    return max(1, min(-(-min_programs // programs), max_blocks // min_part_blocks))
+
+
+def paged_attention(q, k, v, k_cache, v_cache, meta, scale: float, window: int | None, block_m: int = 64,
+                    min_programs: int | None = None, min_part_blocks: int = 8):
+    """Same contract as paged_attention_reference; block_size must be a power of two >= 16 (tl.dot tiles).
+    min_programs: split a decode's context when fewer (sequence, KV head) programs than this would run;
+    default twice the GPU's multiprocessors, and no split in the interpreter."""
     T, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert block_size >= 16 and block_size & (block_size - 1) == 0, "the Triton path needs block_size 16, 32, 64..."
@@ -143,7 +186,18 @@ def paged_attention(q, k, v, k_cache, v_cache, meta, scale: float, window: int |
                 g.block_tables.shape[1])
         if num_queries == 1:
             group = max(16, triton.next_power_of_2(num_heads // num_kv_heads))
-            _decode_kernel[(batch, num_kv_heads)](*args, BLOCK_G=group, **common)
+            if min_programs is None:
+                min_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+            parts = decode_partitions(batch, num_kv_heads, args[-1], min_programs, min_part_blocks)
+            blocks_per_part = -(-args[-1] // parts)
+            bd = common["BLOCK_D"]
+            partials = (torch.empty(batch, num_heads, parts, bd + 2, device=q.device, dtype=torch.float32)
+                        if parts > 1 else out)
+            _decode_kernel[(batch, num_kv_heads, parts)](args[0], args[1], partials, *args[2:], blocks_per_part, parts,
+                                                         BLOCK_G=group, SPLIT=parts > 1, **common)
+            if parts > 1:
+                _combine_kernel[(batch, num_heads)](partials, args[1], parts, HQ=num_heads, HEAD_DIM=head_dim, BLOCK_D=bd,
+                                                    BLOCK_P=triton.next_power_of_2(parts))
         else:
             bm = min(block_m, max(16, triton.next_power_of_2(num_queries)))
             _prefill_kernel[(batch, num_heads, triton.cdiv(num_queries, bm))](*args, num_queries, BLOCK_M=bm, **common)

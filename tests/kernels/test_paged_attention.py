@@ -56,6 +56,25 @@ def test_paged_attention_matches_reference(case, heads, kv_heads, head_dim, wind
     close(out, ref, dtype, scale=4)
 
 
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("window", [None, 24])
+def test_split_context_decode_matches_reference(window, dtype):
+    # Contexts of 1 to 9 blocks, each split into pieces of 2 blocks; some pieces lie past a short context.
+    q, k, v, cache, meta = build_batch([(1, [0, 17, 70, 140])], 8, 2, 32, dtype, num_blocks=128)
+    ref_cache = cache.clone()
+    ref = paged_attention_reference(q, k, v, ref_cache[0], ref_cache[1], meta, 0.2, window)
+    out = paged_attention(q, k, v, cache[0], cache[1], meta, 0.2, window, min_programs=64, min_part_blocks=2)
+    close(out, ref, dtype, scale=4)
+
+
+def test_decode_partitions_fill_the_device_without_tiny_pieces():
+    from kernels.paged_attention import decode_partitions
+    assert decode_partitions(64, 8, 256, 264, 8) == 1          # 512 programs already
+    assert decode_partitions(1, 8, 256, 264, 8) == 32          # 4096 tokens: 32 pieces of 8 blocks
+    assert decode_partitions(1, 8, 12, 264, 8) == 1            # too short to split
+    assert decode_partitions(4, 8, 256, 264, 8) == 9
+
+
 def test_decode_attends_only_to_keys_up_to_its_position():
     # Keys after the query's position hold huge values: any leak would dominate the output.
     q, k, v, cache, meta = build_batch([(1, [20])], 2, 1, 16, torch.float32)
