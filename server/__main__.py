@@ -46,6 +46,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input channels per scale group for --quant int4 (-1: one group per row)")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default=d.kernels,
                    help="auto: Triton kernels on CUDA, torch references on CPU")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter under NAME (repeatable); clients send NAME as `model`")
+    p.add_argument("--lora-dir", default=None,
+                   help="serve every adapter directory in DIR (named by its directory); runtime loads "
+                        "(/v1/load_lora_adapter) must come from inside it")
+    p.add_argument("--max-loras", type=int, default=d.max_loras,
+                   help="adapters resident on the device at once; the least recently used idle one is evicted")
+    p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="the largest adapter rank accepted")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the requests that bring no seed of their own")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
@@ -58,7 +66,18 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, quant=args.quant,
-        quant_group_size=args.quant_group_size, kernels=args.kernels)
+        quant_group_size=args.quant_group_size, kernels=args.kernels, loras=_lora_flags(args.lora),
+        lora_dir=args.lora_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+
+
+def _lora_flags(values: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora takes NAME=PATH; got {value!r}")
+        pairs.append((name, path))
+    return pairs
 
 
 async def serve(args: argparse.Namespace):

@@ -1,5 +1,5 @@
 """EngineConfig: every engine knob in one validated dataclass (the CLI fills it, tests build it directly)."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.layers.ops import KERNEL_CHOICES
 from server.quantization.config import QUANT_CHOICES
@@ -25,6 +25,10 @@ class EngineConfig:
     quant: str = "none"                   # none | int8 | int4 | bnb-int8 | nf4; GPTQ checkpoints are detected
     quant_group_size: int = 128           # input channels per scale group for --quant int4 (-1: whole row)
     kernels: str = "auto"                 # auto: Triton kernels on CUDA, torch references elsewhere
+    loras: list[tuple[str, str]] = field(default_factory=list)  # (name, path) of LoRA adapters loaded at start
+    lora_dir: str | None = None           # adapters in it load at start; runtime loads must come from inside it
+    max_loras: int = 8                    # adapters resident on the device at once (least recently used evicted)
+    max_lora_rank: int = 64               # the largest adapter rank accepted
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:
@@ -38,6 +42,11 @@ class EngineConfig:
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
         _check_positive("max_batch_size", self.max_batch_size)
+        _check_positive("max_loras", self.max_loras)
+        _check_positive("max_lora_rank", self.max_lora_rank)
+        names = [name for name, _ in self.loras]
+        if len(set(names)) != len(names) or any(not n for n in names):
+            raise ValueError(f"LoRA adapter names must be non-empty and distinct; got {', '.join(names)}")
         _check_positive("block_size", self.block_size)
         _check_positive("max_num_batched_tokens", self.max_num_batched_tokens)
         if self.max_wait_ms < 0:

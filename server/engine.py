@@ -22,6 +22,7 @@ from server.config import EngineConfig
 from server.host_memory import keep_freed_memory
 from server.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.loader import load_hf_config, load_model
+from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
 from server.metrics import EngineMetrics
 from server.model_runner import ModelRunner
 from server.outputs import RequestOutput, StopStringMatcher
@@ -38,6 +39,10 @@ class _Request:
     queue: asyncio.Queue
     detokenizer: IncrementalDetokenizer
     stop_matcher: StopStringMatcher
+
+
+class ModelNotFoundError(LookupError):
+    """A request named a model or adapter this engine does not serve (404 / NOT_FOUND)."""
 
 
 class AsyncEngine:
@@ -78,7 +83,13 @@ class AsyncEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
         self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
-        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids)
+        self.lora_pool = LoRAPool(mc, config.max_loras, config.max_lora_rank, self.dtype, self.device)
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self._next_adapter_id = 1
+        for name, path in config.loras + _adapters_in(config.lora_dir):
+            self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank))
+        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids,
+                                  self.lora_pool)
         self.metrics = EngineMetrics(self.model_name, self._metrics_state)
         self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
         self._rng = random.Random(config.seed)
@@ -90,16 +101,21 @@ class AsyncEngine:
 
     # --- the frontend's interface --------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields deltas until one with finished=True. Leaving the iteration early aborts the request."""
+                       request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields deltas until one with finished=True. Leaving the iteration early aborts the request.
+        adapter: the name of a loaded LoRA adapter to run with; None runs the base model."""
         self._ensure_started()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
+        lora = self.resolve_adapter(adapter)
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
+        seq.lora = lora
         req = _Request(seq, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
                                                                     seq.params.skip_special_tokens),
                        StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output))
+        if lora is not None:
+            await self.lora_pool.acquire(lora)   # waits while every slot serves other adapters' requests
         self._requests[request_id] = req
         self.batcher.add(seq)
         self._wake.set()
@@ -114,6 +130,54 @@ class AsyncEngine:
         finally:
             if request_id in self._requests and self._requests[request_id] is req:
                 self.abort(request_id)
+            if lora is not None:
+                await self.lora_pool.release(lora)
+
+    # --- adapters -------------------------------------------------------------------------------
+    def resolve_adapter(self, name: str | None) -> LoRAAdapter | None:
+        """None or the base model's name: the base model. Anything else must be a loaded adapter."""
+        if name is None or name == "" or name == self.model_name:
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            known = ", ".join([self.model_name, *self.adapters])
+            raise ModelNotFoundError(f"the model {name!r} does not exist; this server serves {known}")
+        return adapter
+
+    async def load_adapter(self, name: str, path: str) -> LoRAAdapter:
+        """Loads a PEFT adapter from inside --lora-dir while serving continues; LoRAError says what is wrong."""
+        if not name or name == self.model_name or name in self.adapters:
+            raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
+        if self.config.lora_dir is None:
+            raise LoRAError("loading adapters at runtime needs --lora-dir (the directory adapters are loaded from)")
+        root = Path(self.config.lora_dir).resolve()
+        resolved = (root / path).resolve()
+        if not resolved.is_relative_to(root):
+            raise LoRAError(f"the adapter path {path!r} is outside --lora-dir")
+        adapter = await asyncio.to_thread(load_adapter, name, resolved, self.model.config, self._take_adapter_id(),
+                                          self.config.max_lora_rank)
+        if name in self.adapters:  # loaded twice at once: the first one wins
+            raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
+        self._register(adapter)
+        return adapter
+
+    async def unload_adapter(self, name: str):
+        """New requests for it are refused at once; returns when its in-flight requests have finished."""
+        adapter = self.adapters.pop(name, None)
+        if adapter is None:
+            raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
+        await self.lora_pool.wait_idle(adapter)
+        self.lora_pool.evict(adapter)
+        log.info("unloaded LoRA adapter %r", name)
+
+    def _register(self, adapter: LoRAAdapter):
+        self.adapters[adapter.name] = adapter
+        log.info("loaded LoRA adapter %r (rank %d, %d projections) from %s", adapter.name, adapter.rank,
+                 len(adapter.weights), adapter.path)
+
+    def _take_adapter_id(self) -> int:
+        self._next_adapter_id += 1
+        return self._next_adapter_id - 1
 
     def abort(self, request_id: str):
         """Ends the request now and frees its KV blocks; its stream gets a final 'abort' delta."""
@@ -291,3 +355,13 @@ def _resolve_dtype(dtype: str, device: torch.device, hf_config) -> torch.dtype:
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
     return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _adapters_in(lora_dir: str | None) -> list[tuple[str, str]]:
+    """Every adapter directly inside --lora-dir, named by its directory."""
+    if lora_dir is None:
+        return []
+    root = Path(lora_dir)
+    if not root.is_dir():
+        raise LoRAError(f"--lora-dir {lora_dir} is not a directory")
+    return [(d.name, str(d)) for d in sorted(root.iterdir()) if (d / "adapter_config.json").is_file()]

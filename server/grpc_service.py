@@ -10,9 +10,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.engine import AsyncEngine
+from server.engine import AsyncEngine, ModelNotFoundError
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
+from server.lora import LoRAError
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
 
@@ -50,22 +51,40 @@ class InferenceService(pb_grpc.InferenceServicer):
         return pb.TokenizeResponse(token_ids=ids, max_model_len=self.engine.max_model_len)
 
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[pb.Model(id=self.engine.model_name, max_model_len=self.engine.max_model_len)])
+        base, length = self.engine.model_name, self.engine.max_model_len
+        return pb.ListModelsResponse(models=[pb.Model(id=base, max_model_len=length)] + [
+            pb.Model(id=name, max_model_len=length, parent=base) for name in self.engine.adapters])
+
+    async def LoadLoRAAdapter(self, request, context):
+        try:
+            adapter = await self.engine.load_adapter(request.lora_name, request.lora_path)
+        except LoRAError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.LoadLoRAAdapterResponse(lora_name=adapter.name, rank=adapter.rank)
+
+    async def UnloadLoRAAdapter(self, request, context):
+        try:
+            await self.engine.unload_adapter(request.lora_name)
+        except ModelNotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        return pb.UnloadLoRAAdapterResponse(lora_name=request.lora_name)
 
     # --- translation ----------------------------------------------------------------------------
     async def _deltas(self, request, context):
         """The engine's deltas for this call; refusals become INVALID_ARGUMENT before anything is sent."""
-        await self._check_model(request.model, request.adapter, context)
+        adapter = await self._check_model(request.model, request.adapter, context)
         which = request.WhichOneof("prompt")
         if which is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required: set text or token_ids")
         prompt = request.text if which == "text" else list(request.token_ids.ids)
         try:
             stream = self.engine.generate(prompt, _sampling_params(request.sampling),
-                                          request.request_id or f"grpc-{uuid.uuid4().hex}")
+                                          request.request_id or f"grpc-{uuid.uuid4().hex}", adapter)
             out = await anext(stream)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except ModelNotFoundError as e:  # unloaded between the check and the start
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         try:  # a cancelled call or expired deadline cancels us here; closing the stream aborts the request
             while True:
                 yield out
@@ -75,12 +94,20 @@ class InferenceService(pb_grpc.InferenceServicer):
         finally:
             await stream.aclose()
 
-    async def _check_model(self, model: str, adapter: str, context):
-        if model and model != self.engine.model_name:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"the model {model!r} does not exist; this server serves {self.engine.model_name!r}")
-        if adapter:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"the adapter {adapter!r} is not loaded")
+    async def _check_model(self, model: str, adapter: str, context) -> str | None:
+        """The adapter to run with (the adapter field, else `model` when it names one); NOT_FOUND otherwise."""
+        try:
+            if adapter:
+                if model and model != self.engine.model_name:
+                    raise ModelNotFoundError(f"the model {model!r} is not the base model {self.engine.model_name!r} "
+                                             f"that adapter {adapter!r} runs on")
+                if adapter not in self.engine.adapters:
+                    loaded = ", ".join(self.engine.adapters) or "none"
+                    raise ModelNotFoundError(f"the adapter {adapter!r} is not loaded (loaded: {loaded})")
+                return adapter
+            return model if self.engine.resolve_adapter(model or None) is not None else None
+        except ModelNotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
 
 
 def _sampling_params(s) -> SamplingParams:

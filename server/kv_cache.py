@@ -65,7 +65,7 @@ class BlockManager:
         hit = PrefixHit()
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:  # needs logits at every position
             return hit
-        parent = None
+        parent = seq.cache_salt
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = block_hash(parent, tokens)
@@ -126,7 +126,7 @@ class BlockManager:
         for i in range(seq.num_registered_blocks, seq.num_computed_tokens // bs):
             block = self.blocks[seq.block_table[i]]
             if block.hash is None:
-                parent = self.blocks[seq.block_table[i - 1]].hash if i else None
+                parent = self.blocks[seq.block_table[i - 1]].hash if i else seq.cache_salt
                 tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
                 block.hash, block.token_ids = block_hash(parent, tokens), tokens
                 self.cached.setdefault(block.hash, block)

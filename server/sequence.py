@@ -39,9 +39,15 @@ class Sequence:
     first_scheduled_time: float | None = None
     last_token_time: float | None = None
     prompt_logprobs: list = field(default_factory=list)  # for prompt tokens 1.., when params.prompt_logprobs is set
+    lora: object | None = None          # the LoRAAdapter it runs with (server/lora.py); None: the base model
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def cache_salt(self) -> tuple | None:
+        """Roots the prefix-cache hash chain: K/V computed under an adapter is reused only under that adapter."""
+        return None if self.lora is None else ("lora", self.lora.id)
 
     @property
     def num_tokens(self) -> int:

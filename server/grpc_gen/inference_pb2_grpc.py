@@ -55,6 +55,16 @@ class InferenceStub:
                 request_serializer=inference__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=inference__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.LoadLoRAAdapter = channel.unary_unary(
+                '/lmserve.v1.Inference/LoadLoRAAdapter',
+                request_serializer=inference__pb2.LoadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=inference__pb2.LoadLoRAAdapterResponse.FromString,
+                _registered_method=True)
+        self.UnloadLoRAAdapter = channel.unary_unary(
+                '/lmserve.v1.Inference/UnloadLoRAAdapter',
+                request_serializer=inference__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+                response_deserializer=inference__pb2.UnloadLoRAAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -89,6 +99,20 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadLoRAAdapter(self, request, context):
+        """Loads a PEFT LoRA adapter from inside the server's --lora-dir; INVALID_ARGUMENT says what is wrong.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadLoRAAdapter(self, request, context):
+        """Unloads an adapter: new requests for it get NOT_FOUND at once; answers when its requests have finished.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +135,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=inference__pb2.ListModelsRequest.FromString,
                     response_serializer=inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadLoRAAdapter,
+                    request_deserializer=inference__pb2.LoadLoRAAdapterRequest.FromString,
+                    response_serializer=inference__pb2.LoadLoRAAdapterResponse.SerializeToString,
+            ),
+            'UnloadLoRAAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadLoRAAdapter,
+                    request_deserializer=inference__pb2.UnloadLoRAAdapterRequest.FromString,
+                    response_serializer=inference__pb2.UnloadLoRAAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +256,60 @@ class Inference:
             '/lmserve.v1.Inference/ListModels',
             inference__pb2.ListModelsRequest.SerializeToString,
             inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Inference/LoadLoRAAdapter',
+            inference__pb2.LoadLoRAAdapterRequest.SerializeToString,
+            inference__pb2.LoadLoRAAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadLoRAAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmserve.v1.Inference/UnloadLoRAAdapter',
+            inference__pb2.UnloadLoRAAdapterRequest.SerializeToString,
+            inference__pb2.UnloadLoRAAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@
 Every error is OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for bad input (wrong
 method or content included), 404 for an unknown model or route, 500 only for the server's own failures.
 
-POST /generate {"prompt": str | [int], "stream": bool, "request_id": str, ...SamplingParams fields}
+POST /generate {"prompt": str | [int], "model": str, "stream": bool, "request_id": str, ...SamplingParams fields}
 answers {"text", "token_ids", "finish_reason", "usage"}, or server-sent events of deltas when streaming.
 """
 import dataclasses
@@ -17,7 +17,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.engine import AsyncEngine
+from server.engine import AsyncEngine, ModelNotFoundError
+from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
 from server.http.protocol import ApiError
 from server.metrics import CONTENT_TYPE
@@ -56,9 +57,10 @@ def build_app(engine: AsyncEngine) -> Starlette:
         return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
     async def models(_: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": created, "owned_by": "lmserve",
-             "root": engine.model_path, "parent": None, "max_model_len": engine.max_model_len}]})
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "lmserve",
+                "root": engine.model_path, "parent": None, "max_model_len": engine.max_model_len}
+        adapters = [base | {"id": a.name, "root": str(a.path), "parent": model_name} for a in engine.adapters.values()]
+        return JSONResponse({"object": "list", "data": [base, *adapters]})
 
     async def completions(request: Request) -> Response:
         return await openai.completions(request, await json_body(request))
@@ -91,7 +93,7 @@ def build_app(engine: AsyncEngine) -> Starlette:
 
     async def generate(request: Request) -> Response:
         body = await json_body(request)
-        unknown = sorted(set(body) - _PARAM_FIELDS - {"prompt", "stream", "request_id"})
+        unknown = sorted(set(body) - _PARAM_FIELDS - {"prompt", "stream", "request_id", "model"})
         if unknown:
             raise ApiError(400, f"unknown field {unknown[0]!r}", unknown[0])
         try:
@@ -99,10 +101,15 @@ def build_app(engine: AsyncEngine) -> Starlette:
             prompt = body.get("prompt")
             if not isinstance(prompt, (str, list)):
                 raise InvalidRequestError("prompt must be a string or a list of token ids", "prompt")
-            stream = engine.generate(prompt, params, body.get("request_id"))
+            model = body.get("model")
+            if model is not None and not isinstance(model, str):
+                raise InvalidRequestError("model must be a string: the base model's or a LoRA adapter's name", "model")
+            stream = engine.generate(prompt, params, body.get("request_id"), model)
             first = await anext(stream)  # validation errors surface here, before any byte is sent
         except InvalidRequestError as e:
             raise ApiError(400, str(e), e.param) from None
+        except ModelNotFoundError as e:
+            raise ApiError(404, str(e), "model", "NotFoundError", "model_not_found") from None
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None
         if body.get("stream"):
@@ -111,6 +118,12 @@ def build_app(engine: AsyncEngine) -> Starlette:
             return JSONResponse(_merge(await until_disconnect(request, _drain(first, stream))))
         finally:
             await stream.aclose()  # after a disconnect, closing the stream aborts the request
+
+    async def load_adapter(request: Request) -> Response:
+        return await load_lora_adapter(engine, await json_body(request))
+
+    async def unload_adapter(request: Request) -> Response:
+        return await unload_lora_adapter(engine, await json_body(request))
 
     async def api_error(_: Request, exc: ApiError) -> Response:
         return JSONResponse(exc.body(), exc.status)
@@ -137,6 +150,8 @@ def build_app(engine: AsyncEngine) -> Starlette:
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/generate", generate, methods=["POST"]),
+        Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
+        Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={
         ApiError: api_error, HTTPException: http_error, Exception: internal_error})

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from server.engine import AsyncEngine
+from server.engine import AsyncEngine, ModelNotFoundError
 from server.http.protocol import ApiError, parse_chat, parse_completion
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
@@ -53,17 +53,17 @@ class OpenAIRoutes:
     # --- /v1/completions ------------------------------------------------------------------------
     async def completions(self, request: Request, body: dict):
         req = parse_completion(body)
-        self._check_model(req.model)
+        adapter = self._adapter_for(req.model)
         choices = [Choice(i * req.n + j, p, _copy_params(req.params, i * req.n + j))
                    for i, p in enumerate(req.prompts) for j in range(req.n)]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._start(rid, choices)
+        streams = await self._start(rid, choices, adapter)
 
         def choice_body(c: Choice, text: str, finish: str | None, logprobs=None) -> dict:
             return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         def head(obj: str) -> dict:
-            return {"id": rid, "object": obj, "created": created, "model": self.model_name}
+            return {"id": rid, "object": obj, "created": created, "model": req.model}
 
         if req.stream:
             async def chunks():
@@ -95,7 +95,7 @@ class OpenAIRoutes:
     # --- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, request: Request, body: dict):
         req = parse_chat(body)
-        self._check_model(req.model)
+        adapter = self._adapter_for(req.model)
         try:
             prompt_ids = encode_chat(self.tokenizer, req.messages)
         except ValueError as e:
@@ -104,10 +104,10 @@ class OpenAIRoutes:
             raise ApiError(400, f"the chat template could not render these messages: {e}", "messages") from None
         choices = [Choice(j, prompt_ids, _copy_params(req.params, j)) for j in range(req.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._start(rid, choices)
+        streams = await self._start(rid, choices, adapter)
 
         def head(obj: str) -> dict:
-            return {"id": rid, "object": obj, "created": created, "model": self.model_name}
+            return {"id": rid, "object": obj, "created": created, "model": req.model}
 
         if req.stream:
             async def chunks():
@@ -131,9 +131,9 @@ class OpenAIRoutes:
         return JSONResponse(head("chat.completion") | {"choices": result, "usage": self._usage(choices, req.n)})
 
     # --- running engine requests ----------------------------------------------------------------
-    async def _start(self, rid: str, choices: list[Choice]):
+    async def _start(self, rid: str, choices: list[Choice], adapter: str | None):
         """Start every engine request and take its first delta; on any refusal close them all and raise."""
-        streams = [self.engine.generate(c.prompt, c.params, f"{rid}-{c.index}") for c in choices]
+        streams = [self.engine.generate(c.prompt, c.params, f"{rid}-{c.index}", adapter) for c in choices]
         firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
         errors = [e for e in firsts if isinstance(e, BaseException)]
         if errors:
@@ -141,6 +141,8 @@ class OpenAIRoutes:
             e = errors[0]
             if isinstance(e, InvalidRequestError):
                 raise ApiError(400, str(e), e.param) from None
+            if isinstance(e, ModelNotFoundError):  # unloaded between the check and the start
+                raise ApiError(404, str(e), "model", "NotFoundError", "model_not_found") from None
             raise e
         for c, first in zip(choices, firsts):
             c.add(first)
@@ -186,10 +188,12 @@ class OpenAIRoutes:
                 t.cancel()
 
     # --- shaping --------------------------------------------------------------------------------
-    def _check_model(self, model: str):
-        if model != self.model_name:
-            raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                           "model", "NotFoundError", "model_not_found")
+    def _adapter_for(self, model: str) -> str | None:
+        """The LoRA adapter a request's model names (None: the base model); 404 for anything not served."""
+        try:
+            return None if self.engine.resolve_adapter(model) is None else model
+        except ModelNotFoundError as e:
+            raise ApiError(404, str(e), "model", "NotFoundError", "model_not_found") from None
 
     def _prompt_text(self, prompt) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)

@@ -13,9 +13,17 @@ from server.layers.rotary import RotaryEmbedding
 from server.models.model_config import ModelConfig
 
 
+def _project(module: nn.Module, name: str, layer_idx: int, x: torch.Tensor, lora) -> torch.Tensor:
+    """One projection, plus each row's LoRA delta when adapters are in the batch (server/lora.py)."""
+    y = getattr(module, name)(x)
+    return y if lora is None else lora.apply(layer_idx, name, x, y)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int | None, linear: LinearFactory):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int | None, linear: LinearFactory,
+                 layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.ops = linear.ops
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.window = window
@@ -26,45 +34,50 @@ class LlamaAttention(nn.Module):
         self.v_proj = linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata):
+    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, lora=None):
         # x: [T, D]
-        q = self.q_proj(x).view(-1, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        i = self.layer_idx
+        q = _project(self, "q_proj", i, x, lora).view(-1, self.num_heads, self.head_dim)
+        k = _project(self, "k_proj", i, x, lora).view(-1, self.num_kv_heads, self.head_dim)
+        v = _project(self, "v_proj", i, x, lora).view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         o = self.ops.paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
-        return self.o_proj(o.view(-1, self.num_heads * self.head_dim))
+        return _project(self, "o_proj", i, o.view(-1, self.num_heads * self.head_dim), lora)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, linear: LinearFactory):
+    def __init__(self, cfg: ModelConfig, linear: LinearFactory, layer_idx: int):
         super().__init__()
+        self.layer_idx = layer_idx
         self.ops = linear.ops
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x, lora=None):
+        i = self.layer_idx
+        h = self.ops.silu_and_mul(_project(self, "gate_proj", i, x, lora), _project(self, "up_proj", i, x, lora))
+        return _project(self, "down_proj", i, h, lora)
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int | None, linear: LinearFactory):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, window: int | None, linear: LinearFactory,
+                 layer_idx: int):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, rotary, window, linear)
-        self.mlp = LlamaMLP(cfg, linear)
+        self.self_attn = LlamaAttention(cfg, rotary, window, linear, layer_idx)
+        self.mlp = LlamaMLP(cfg, linear, layer_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, linear.ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, linear.ops)
 
-    def forward(self, positions, x, residual, kv_cache, meta):
+    def forward(self, positions, x, residual, kv_cache, meta, lora=None):
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, kv_cache, meta)
+        x = self.self_attn(positions, x, kv_cache, meta, lora)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.mlp(x, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -73,13 +86,13 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, linear.ops)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.embed_tokens.weight.requires_grad_(False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, w, linear) for w in cfg.sliding_windows)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rotary, w, linear, i) for i, w in enumerate(cfg.sliding_windows))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, linear.ops)
 
-    def forward(self, input_ids, positions, kv_caches, meta):
+    def forward(self, input_ids, positions, kv_caches, meta, lora=None):
         x, residual = self.embed_tokens(input_ids), None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x, residual = layer(positions, x, residual, kv_cache, meta)
+            x, residual = layer(positions, x, residual, kv_cache, meta, lora)
         x, _ = self.norm(x, residual)
         return x
 
@@ -95,9 +108,9 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        # input_ids, positions: [T]; returns hidden states [T, D]
-        return self.model(input_ids, positions, kv_caches, meta)
+    def forward(self, input_ids, positions, kv_caches, meta, lora=None) -> torch.Tensor:
+        # input_ids, positions: [T]; lora: a LoRAPool whose batch rows are set, or None; returns hidden states [T, D]
+        return self.model(input_ids, positions, kv_caches, meta, lora)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -1,0 +1,176 @@
+"""LoRA adapters: read PEFT adapters, keep up to max_loras of them on the device in one pool, apply them per row.
+
+Each adapter's weights live in host memory once loaded; the pool holds, per (layer, projection), stacked
+A [slots, max_rank, in] and B [slots, out, max_rank] with the scaling folded into B and ranks zero-padded.
+A request holds its adapter's slot from admission to finish, so a slot is only refilled when no running
+sequence uses it (least recently used first). One batch mixes the base model and any resident adapters:
+the runner gives every token its slot (-1: base), and each projection adds x @ A[slot]^T @ B[slot]^T.
+"""
+import asyncio
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from server.models.model_config import ModelConfig
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+class LoRAError(ValueError):
+    """An adapter that cannot be served: says what is wrong and changes nothing."""
+
+
+@dataclass(eq=False)
+class LoRAAdapter:
+    name: str
+    path: Path
+    id: int                                  # unique per load; roots the adapter's prefix-cache hashes
+    rank: int
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> (A [r, in], scale * B [out, r])
+
+
+def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def load_adapter(name: str, path: str | Path, cfg: ModelConfig, adapter_id: int, max_rank: int) -> LoRAAdapter:
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), checked against the base."""
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise LoRAError(f"{path} is not a PEFT adapter: adapter_config.json not found")
+    if not weights_file.is_file():
+        pickled = (path / "adapter_model.bin").is_file()
+        raise LoRAError(f"{path}: adapter_model.safetensors not found"
+                        + (" (adapter_model.bin is never loaded: lmserve reads safetensors only)" if pickled else ""))
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise LoRAError(f"{config_file}: not valid JSON ({e})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; only LORA")
+    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
+        if config.get(key) == bad:
+            raise LoRAError(f"{path}: {key} adapters are not supported")
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        raise LoRAError(f"{path}: adapters that train biases or whole modules (bias, modules_to_save) are not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LoRAError(f"{path}: per-module rank_pattern / alpha_pattern is not supported")
+    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    if not 1 <= rank <= max_rank:
+        raise LoRAError(f"{path}: rank {rank} is outside 1..{max_rank} (--max-lora-rank)")
+    scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+    shapes = projection_shapes(cfg)
+    parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            m = _KEY.search(key)
+            if m is None:
+                raise LoRAError(f"{path}: unexpected tensor {key!r}; lmserve serves LoRA on "
+                                f"{', '.join(PROJECTIONS)} of the decoder layers")
+            layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
+            if proj not in shapes:
+                raise LoRAError(f"{path}: unknown target module {proj!r} in {key!r}; allowed: {', '.join(PROJECTIONS)}")
+            if layer >= cfg.num_layers:
+                raise LoRAError(f"{path}: {key!r} names layer {layer}, the base model has {cfg.num_layers}")
+            parts.setdefault((layer, proj), {})[ab] = f.get_tensor(key)
+    if not parts:
+        raise LoRAError(f"{path}: the adapter has no LoRA weights")
+    weights = {}
+    for (layer, proj), ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"{path}: layer {layer} {proj} lacks its lora_{'B' if 'A' in ab else 'A'} weight")
+        fan_in, fan_out = shapes[proj]
+        a, b = ab["A"].float(), ab["B"].float()
+        if a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
+            raise LoRAError(f"{path}: layer {layer} {proj} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                            f"the base model needs ({rank}, {fan_in}) and ({fan_out}, {rank})")
+        weights[(layer, proj)] = (a, b * scaling)
+    return LoRAAdapter(name, path, adapter_id, rank, weights)
+
+
+class LoRAPool:
+    """Device slots for adapters, and the per-step row assignment the projections read."""
+
+    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+        self.shapes, self.max_loras, self.max_rank = projection_shapes(cfg), max_loras, max_rank
+        self.dtype, self.device = dtype, device
+        self.a: dict[tuple[int, str], torch.Tensor] = {}   # [slots, R, in], allocated when first needed
+        self.b: dict[tuple[int, str], torch.Tensor] = {}   # [slots, out, R]
+        self.resident: OrderedDict[LoRAAdapter, int] = OrderedDict()   # adapter -> slot, least recent first
+        self.in_use: dict[LoRAAdapter, int] = {}
+        self._freed = asyncio.Condition()
+        self.batch: list[tuple[int, torch.Tensor]] = []   # this step's (slot, token rows); set by the runner
+
+    async def acquire(self, adapter: LoRAAdapter) -> int:
+        """Makes the adapter resident (waiting while every slot serves running requests) and pins it."""
+        async with self._freed:
+            while adapter not in self.resident and not self._has_room():
+                await self._freed.wait()
+            if adapter not in self.resident:
+                self._install(adapter)
+            self.resident.move_to_end(adapter)
+            self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
+            return self.resident[adapter]
+
+    async def release(self, adapter: LoRAAdapter):
+        async with self._freed:
+            self.in_use[adapter] -= 1
+            if not self.in_use[adapter]:
+                del self.in_use[adapter]
+                self._freed.notify_all()
+
+    async def wait_idle(self, adapter: LoRAAdapter):
+        async with self._freed:
+            await self._freed.wait_for(lambda: adapter not in self.in_use)
+
+    def evict(self, adapter: LoRAAdapter):
+        """Drops an idle adapter from its slot (after unloading it)."""
+        assert adapter not in self.in_use
+        self.resident.pop(adapter, None)
+
+    def slot_of(self, adapter: LoRAAdapter | None) -> int:
+        return -1 if adapter is None else self.resident[adapter]
+
+    def _has_room(self) -> bool:
+        return len(self.resident) < self.max_loras or any(a not in self.in_use for a in self.resident)
+
+    def _install(self, adapter: LoRAAdapter):
+        if len(self.resident) < self.max_loras:
+            slot = next(s for s in range(self.max_loras) if s not in self.resident.values())
+        else:
+            victim = next(a for a in self.resident if a not in self.in_use)   # least recently used idle one
+            slot = self.resident.pop(victim)
+        for key in set(self.a) | set(adapter.weights):
+            if key not in self.a:
+                fan_in, fan_out = self.shapes[key[1]]
+                self.a[key] = torch.zeros(self.max_loras, self.max_rank, fan_in, dtype=self.dtype, device=self.device)
+                self.b[key] = torch.zeros(self.max_loras, fan_out, self.max_rank, dtype=self.dtype, device=self.device)
+            self.a[key][slot].zero_()
+            self.b[key][slot].zero_()
+            if key in adapter.weights:
+                a, b = adapter.weights[key]
+                self.a[key][slot, :adapter.rank].copy_(a)
+                self.b[key][slot, :, :adapter.rank].copy_(b)
+        self.resident[adapter] = slot
+
+    def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # x: [T, in]; y: [T, out] the base projection. Adds each LoRA row group's delta in place.
+        key = (layer, proj)
+        if not self.batch or key not in self.a:
+            return y
+        a, b = self.a[key], self.b[key]
+        for slot, rows in self.batch:
+            xs = x.index_select(0, rows)
+            y.index_add_(0, rows, (xs @ a[slot].t()) @ b[slot].t())
+        return y
