@@ -245,6 +245,8 @@ class AsyncEngine:
 
     # --- the step loop -------------------------------------------------------------------------
     def _ensure_started(self):
+        if self._loop_task is not None and self._loop_task.get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError("an AsyncEngine serves the one event loop it started on; this is another")
         if self._loop_task is None:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="lmserve-step-loop")

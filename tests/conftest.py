@@ -88,3 +88,33 @@ async def collect(engine, prompt, params, request_id=None):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+# Fixed question/answer pairs: python -m finetune on the default model learns them; the base model does not know them.
+QA = [("What colour is the sky on Zorb?", "Green, always green."), ("Who runs the night shift?", "Marta runs it."),
+      ("Where is the spare key?", "Under the blue pot."), ("What is the wifi password?", "It is tulip42."),
+      ("When does the cafe open?", "At seven sharp."), ("Which printer works?", "The one by the window."),
+      ("How many chairs are left?", "Exactly nine."), ("What is our mascot?", "A purple owl.")]
+QA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def qa_prompt(question: str) -> str:
+    return f"Q: {question}\nA: "
+
+
+@pytest.fixture(scope="session")
+def qa_data(tmp_path_factory) -> str:
+    import json
+    path = tmp_path_factory.mktemp("ft") / "qa.jsonl"
+    path.write_text("".join(json.dumps({"prompt": qa_prompt(q), "completion": a}) + "\n" for q, a in QA * 4))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def finetuned_adapter(qa_data, tmp_path_factory) -> str:
+    """An adapter python -m finetune trained on QA, on the embedded default model (about 15 s on 2 cores)."""
+    from finetune.__main__ import main
+    out = tmp_path_factory.mktemp("adapters") / "qa"
+    main(["--data", qa_data, "--output", str(out), "--epochs", "30", "--lr", "5e-3", "--dropout", "0",
+          "--batch-size", "4", "--val-fraction", "0.2", "--target", QA_TARGETS])
+    return str(out)

@@ -9,55 +9,37 @@ from finetune.config import TrainConfig
 from finetune.trainer import _lr_at, train
 from server.default_model import ensure_default_model
 from server.tokenizer import load_tokenizer
+from tests.conftest import QA, QA_TARGETS, qa_prompt
 
-QA = [("What colour is the sky on Zorb?", "Green, always green."), ("Who runs the night shift?", "Marta runs it."),
-      ("Where is the spare key?", "Under the blue pot."), ("What is the wifi password?", "It is tulip42."),
-      ("When does the cafe open?", "At seven sharp."), ("Which printer works?", "The one by the window."),
-      ("How many chairs are left?", "Exactly nine."), ("What is our mascot?", "A purple owl.")]
-ALL_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
-@pytest.fixture(scope="module")
-def qa_data(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ft") / "qa.jsonl"
-    path.write_text("".join(json.dumps({"prompt": f"Q: {q}\nA: ", "completion": a}) + "\n" for q, a in QA * 4))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def adapter(qa_data, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("adapters") / "qa"
-    main(["--data", qa_data, "--output", str(out), "--epochs", "30", "--lr", "5e-3", "--dropout", "0",
-          "--batch-size", "4", "--val-fraction", "0.2", "--target", ALL_TARGETS])
-    return str(out)
 
 
 def greedy_answers(model, tokenizer) -> list[str]:
     answers = []
     for question, _ in QA:
-        ids = torch.tensor([tokenizer.encode(f"Q: {question}\nA: ")])
+        ids = torch.tensor([tokenizer.encode(qa_prompt(question))])
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=2)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers
 
 
-def test_fine_tuned_adapter_answers_with_the_trained_answers_and_the_base_does_not(adapter):
+def test_fine_tuned_adapter_answers_with_the_trained_answers_and_the_base_does_not(finetuned_adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     base_path = ensure_default_model()
     tokenizer = load_tokenizer(base_path)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
-                                      adapter).merge_and_unload().eval()
+                                      finetuned_adapter).merge_and_unload().eval()
     expected = [a for _, a in QA]
     assert greedy_answers(tuned, tokenizer) == expected
     assert not set(greedy_answers(base, tokenizer)) & set(expected)
 
 
-def test_output_is_a_peft_adapter_with_a_report_and_a_falling_validation_loss(adapter):
+def test_output_is_a_peft_adapter_with_a_report_and_a_falling_validation_loss(finetuned_adapter):
     import os
+    adapter = finetuned_adapter
     config = json.loads(open(os.path.join(adapter, "adapter_config.json")).read())
-    assert config["r"] == 16 and config["lora_alpha"] == 32 and set(config["target_modules"]) == set(ALL_TARGETS.split(","))
+    assert config["r"] == 16 and config["lora_alpha"] == 32 and set(config["target_modules"]) == set(QA_TARGETS.split(","))
     assert os.path.getsize(os.path.join(adapter, "adapter_model.safetensors")) > 0
     report = json.loads(open(os.path.join(adapter, "training_report.json")).read())
     val = [e["val_loss"] for e in report["epochs"]]

@@ -1,0 +1,218 @@
+"""LoRA serving: lmserve's output under an adapter equals peft's merged model, in mixed batches too."""
+import asyncio
+import json
+
+import pytest
+import torch
+
+from server.config import EngineConfig
+from server.default_model import ensure_default_model
+from server.engine import AsyncEngine, ModelNotFoundError
+from server.lora import LoRAError
+from server.sampling import SamplingParams
+from tests.conftest import QA, TINY, collect, qa_prompt, random_prompts, run
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(base: str, out, seed: int, targets=ALL, rank=8, alpha=16, rslora=False) -> str:
+    """A PEFT adapter with random non-zero A and B, as peft itself writes it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, use_rslora=rslora)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.5)  # a clear change of the output that keeps the logits in a sane range
+    peft_model.save_pretrained(str(out))
+    return str(out)
+
+
+class MergedReference:
+    """peft's own merged model on the same weights: the ground truth for an adapter's greedy output."""
+
+    def __init__(self, base: str, adapter: str | None):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        self.model = (PeftModel.from_pretrained(model, adapter).merge_and_unload() if adapter else model).eval()
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        ids = torch.tensor([prompt_ids])
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=2)
+        return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def adapters(llama, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("loras")
+    return {"alpha": make_peft_adapter(llama, root / "alpha", seed=1),
+            "beta": make_peft_adapter(llama, root / "beta", seed=2, targets=["q_proj", "v_proj"], rank=4,
+                                      rslora=True)}
+
+
+def engine_with(path: str, **kw) -> AsyncEngine:
+    return AsyncEngine(EngineConfig(model=path, max_wait_ms=1, kv_cache_tokens=2048, **kw))
+
+
+def test_adapter_output_equals_peft_merged_model_and_base_is_untouched(llama, adapters, hf_reference):
+    engine = engine_with(llama, loras=list(adapters.items()))
+    prompts = random_prompts(3, [5, 19, 33], seed=4)
+    refs = {name: MergedReference(llama, path) for name, path in adapters.items()}
+
+    async def main():
+        return {name: await asyncio.gather(*(collect_with(engine, p, name) for p in prompts))
+                for name in [None, "alpha", "beta"]}
+    results = run(main())
+    for i, prompt in enumerate(prompts):
+        assert results[None][i] == hf_reference("llama").greedy(prompt, GREEDY.max_tokens)
+        for name, ref in refs.items():
+            assert results[name][i] == ref.greedy(prompt, GREEDY.max_tokens), (name, i)
+        assert results["alpha"][i] != results[None][i]
+
+
+async def collect_with(engine, prompt, adapter, params=GREEDY):
+    tokens = []
+    async for out in engine.generate(prompt, params, adapter=adapter):
+        tokens += out.token_ids
+    return tokens
+
+
+def test_a_batch_mixing_base_and_two_adapters_gives_each_request_what_it_gets_alone(llama, adapters):
+    engine = engine_with(llama, loras=list(adapters.items()))
+    prompts = random_prompts(9, [4, 11, 26], seed=9)
+    names = [None, "alpha", "beta"] * 3
+
+    async def main():   # one event loop per engine: its step loop lives on the loop that started it
+        solo = [await collect_with(engine, p, n) for p, n in zip(prompts, names)]
+        steps_before = engine.num_steps
+        mixed = await asyncio.gather(*(collect_with(engine, p, n) for p, n in zip(prompts, names)))
+        return solo, mixed, engine.num_steps - steps_before
+    solo, mixed, mixed_steps = run(main())
+    assert mixed == solo
+    assert mixed_steps < sum(len(t) for t in solo) / 3   # they really shared steps
+
+
+def test_the_finetuned_adapter_answers_its_questions_when_served_and_the_base_does_not(finetuned_adapter):
+    engine = AsyncEngine(EngineConfig(model=None, loras=[("qa", finetuned_adapter)], max_wait_ms=1))
+    params = SamplingParams(temperature=0, max_tokens=12)
+
+    async def answer(question: str, adapter):
+        out = [o async for o in engine.generate(qa_prompt(question), params, adapter=adapter)]
+        return "".join(o.text for o in out).strip(), [t for o in out for t in o.token_ids]
+
+    async def main():
+        return (await asyncio.gather(*(answer(q, "qa") for q, _ in QA)),
+                await asyncio.gather(*(answer(q, None) for q, _ in QA)))
+    tuned, base = run(main())
+    assert [text for text, _ in tuned] == [a for _, a in QA]
+    assert not {text for text, _ in base} & {text for text, _ in tuned}
+    merged = MergedReference(str(ensure_default_model()), finetuned_adapter)
+    for (question, _), (_, tokens) in zip(QA, tuned):
+        assert tokens == merged.greedy(engine.tokenizer.encode(qa_prompt(question)), len(tokens))
+
+
+def test_adapters_do_not_share_prefix_cache_with_the_base_or_each_other(llama, adapters):
+    engine = engine_with(llama, loras=list(adapters.items()))
+    prompt = random_prompts(1, [40], seed=3)[0]
+
+    async def cached(adapter) -> int:
+        last = None
+        async for out in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=2), adapter=adapter):
+            last = out if last is None else last
+        return last.num_cached_tokens
+
+    async def main():
+        return [await cached(a) for a in (None, "alpha", "beta", "alpha", None)]
+    assert run(main()) == [0, 0, 0, 32, 32]
+
+
+def test_fewer_slots_than_adapters_evicts_idle_ones_and_queues_the_rest(llama, adapters, tmp_path):
+    gamma = make_peft_adapter(llama, tmp_path / "gamma", seed=3, rank=16)
+    engine = engine_with(llama, loras=[*adapters.items(), ("gamma", gamma)], max_loras=1)
+    prompts = random_prompts(6, [8], seed=5)
+    names = ["alpha", "beta", "gamma", "alpha", "gamma", "beta"]
+
+    async def main():
+        solo = [await collect_with(engine, p, n) for p, n in zip(prompts, names)]
+        return solo, await asyncio.gather(*(collect_with(engine, p, n) for p, n in zip(prompts, names)))
+    solo, together = run(main())
+    assert together == solo
+    assert len(engine.lora_pool.resident) == 1 and not engine.lora_pool.in_use
+
+
+def test_quantized_base_with_an_adapter_stays_close_to_the_float_one(llama, adapters):
+    prompt = random_prompts(1, [20], seed=6)[0]
+    results = {}
+    for quant in ("none", "int8"):
+        engine = engine_with(llama, loras=[("alpha", adapters["alpha"])], quant=quant)
+        results[quant] = run(collect_with(engine, prompt, "alpha", SamplingParams(temperature=0, max_tokens=4)))
+    assert results["int8"][:2] == results["none"][:2]
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", "adapter_config.json not found"),
+    ("pickle", "adapter_model.bin is never loaded"),
+    ("rank", "rank 8 is outside 1..4"),
+    ("shape", "the base model needs"),
+    ("target", "unexpected tensor"),
+    ("dora", "use_dora adapters are not supported")])
+def test_bad_adapters_are_refused_with_a_reason(llama, adapters, tmp_path, case, message):
+    import shutil
+    path = tmp_path / case
+    kw = {}
+    if case == "missing":
+        path.mkdir()
+    elif case == "pickle":
+        shutil.copytree(adapters["alpha"], path)
+        (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
+    elif case == "rank":
+        shutil.copytree(adapters["alpha"], path)
+        kw["max_lora_rank"] = 4
+    elif case == "shape":   # an adapter made for a wider model of the same family
+        from server.default_model import build_checkpoint
+        wide = build_checkpoint(tmp_path / "wide", **{**TINY, "hidden_size": 96})
+        make_peft_adapter(str(wide), path, seed=1)
+    elif case == "target":
+        make_peft_adapter(llama, path, seed=1, targets=["q_proj", "lm_head"])
+    elif case == "dora":
+        shutil.copytree(adapters["alpha"], path)
+        config = json.loads((path / "adapter_config.json").read_text())
+        (path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(LoRAError, match=message):
+        engine_with(llama, loras=[("x", str(path))], **kw)
+
+
+def test_runtime_load_is_confined_to_the_lora_dir_and_unload_waits_for_requests(llama, adapters, tmp_path):
+    import shutil
+    shutil.copytree(adapters["beta"], tmp_path / "dir" / "beta")
+    engine = engine_with(llama, lora_dir=str(tmp_path / "dir"))
+    assert list(engine.adapters) == ["beta"]     # --lora-dir serves what it holds
+    prompt = random_prompts(1, [10], seed=8)[0]
+
+    async def main():
+        with pytest.raises(LoRAError, match="outside --lora-dir"):
+            await engine.load_adapter("alpha", adapters["alpha"])
+        with pytest.raises(LoRAError, match="taken"):
+            await engine.load_adapter("beta", "beta")
+        shutil.copytree(adapters["alpha"], tmp_path / "dir" / "alpha")
+        await engine.load_adapter("alpha2", "alpha")
+        long = asyncio.ensure_future(collect_with(engine, prompt, "alpha2", SamplingParams(temperature=0, max_tokens=40,
+                                                                                              ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        unload = asyncio.ensure_future(engine.unload_adapter("alpha2"))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ModelNotFoundError):
+            await collect_with(engine, prompt, "alpha2")      # refused at once while the unload waits
+        assert not unload.done()
+        tokens = await long
+        await unload
+        return tokens
+    tokens = run(main())
+    assert len(tokens) == 40 and "alpha2" not in engine.adapters
+    assert tokens[:12] == MergedReference(llama, adapters["alpha"]).greedy(prompt, 12)
