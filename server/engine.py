@@ -83,7 +83,8 @@ class AsyncEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
         self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
-        self.lora_pool = LoRAPool(mc, config.max_loras, config.max_lora_rank, self.dtype, self.device)
+        self.lora_pool = LoRAPool(mc, config.max_loras, config.max_lora_rank, self.dtype, self.device,
+                                  self.model.ops.add_lora)
         self.adapters: dict[str, LoRAAdapter] = {}
         self._next_adapter_id = 1
         for name, path in config.loras + _adapters_in(config.lora_dir):

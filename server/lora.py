@@ -4,7 +4,8 @@ Each adapter's weights live in host memory once loaded; the pool holds, per (lay
 A [slots, max_rank, in] and B [slots, out, max_rank] with the scaling folded into B and ranks zero-padded.
 A request holds its adapter's slot from admission to finish, so a slot is only refilled when no running
 sequence uses it (least recently used first). One batch mixes the base model and any resident adapters:
-the runner gives every token its slot (-1: base), and each projection adds x @ A[slot]^T @ B[slot]^T.
+the runner gives every token its slot (-1: base), and each projection adds x @ A[slot]^T @ B[slot]^T
+(kernels/lora.py: one gather-style Triton launch per projection on CUDA, a loop over slots in torch).
 """
 import asyncio
 import json
@@ -12,6 +13,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -102,15 +104,17 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, adapter_id: int,
 class LoRAPool:
     """Device slots for adapters, and the per-step row assignment the projections read."""
 
-    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
+                 add_lora: Callable):
         self.shapes, self.max_loras, self.max_rank = projection_shapes(cfg), max_loras, max_rank
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.add_lora = dtype, device, add_lora
+        self.ranks = torch.zeros(max_loras, dtype=torch.int32, device=device)
         self.a: dict[tuple[int, str], torch.Tensor] = {}   # [slots, R, in], allocated when first needed
         self.b: dict[tuple[int, str], torch.Tensor] = {}   # [slots, out, R]
         self.resident: OrderedDict[LoRAAdapter, int] = OrderedDict()   # adapter -> slot, least recent first
         self.in_use: dict[LoRAAdapter, int] = {}
         self._freed = asyncio.Condition()
-        self.batch: list[tuple[int, torch.Tensor]] = []   # this step's (slot, token rows); set by the runner
+        self.token_slots: torch.Tensor | None = None   # this step's slot per token (-1: base); set by the runner
 
     async def acquire(self, adapter: LoRAAdapter) -> int:
         """Makes the adapter resident (waiting while every slot serves running requests) and pins it."""
@@ -162,15 +166,12 @@ class LoRAPool:
                 a, b = adapter.weights[key]
                 self.a[key][slot, :adapter.rank].copy_(a)
                 self.b[key][slot, :, :adapter.rank].copy_(b)
+        self.ranks[slot] = adapter.rank
         self.resident[adapter] = slot
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # x: [T, in]; y: [T, out] the base projection. Adds each LoRA row group's delta in place.
+        # x: [T, in]; y: [T, out] the base projection, to which each token's adapter delta is added in place.
         key = (layer, proj)
-        if not self.batch or key not in self.a:
+        if self.token_slots is None or key not in self.a:
             return y
-        a, b = self.a[key], self.b[key]
-        for slot, rows in self.batch:
-            xs = x.index_select(0, rows)
-            y.index_add_(0, rows, (xs @ a[slot].t()) @ b[slot].t())
-        return y
+        return self.add_lora(y, x, self.a[key], self.b[key], self.ranks, self.token_slots)

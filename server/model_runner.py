@@ -23,7 +23,7 @@ class PreparedBatch:
     sample_seqs: list[Sequence]
     sampler_rows: list[SamplerRow]
     prompt_scoring: list[tuple[Sequence, torch.Tensor, torch.Tensor]]  # (seq, batch rows, next prompt tokens)
-    lora_rows: list[tuple[int, torch.Tensor]]  # (adapter pool slot, batch rows that use it); empty: base model only
+    lora_slots: torch.Tensor | None  # [T] each token's adapter pool slot, -1 for the base model; None: base only
 
 
 @dataclass
@@ -48,7 +48,7 @@ class ModelRunner:
         # all decodes (n = 1) are one group, and so are prompt chunks of equal length.
         items = sorted(out.scheduled, key=lambda s: s.num_new_tokens)
         input_ids, positions, slots, sample_idx, sample_seqs, groups, scoring = [], [], [], [], [], [], []
-        lora_rows: dict[int, list[int]] = {}
+        lora_slots: list[int] = []
         for item in items:
             seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
             if seq.params.prompt_logprobs is not None:
@@ -57,8 +57,7 @@ class ModelRunner:
                 if first < end:
                     rows = range(len(input_ids) + first - start, len(input_ids) + end - start)
                     scoring.append((seq, self._tensor(list(rows)), self._tensor(seq.token_ids[first + 1:end + 1])))
-            if seq.lora is not None:
-                lora_rows.setdefault(self.lora_pool.slot_of(seq.lora), []).extend(range(len(input_ids), len(input_ids) + n))
+            lora_slots += [self.lora_pool.slot_of(seq.lora) if seq.lora is not None else -1] * n
             input_ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
             table = seq.block_table
@@ -79,7 +78,7 @@ class ModelRunner:
             input_ids=self._tensor(input_ids), positions=self._tensor(positions),
             meta=AttentionMetadata(self._tensor(slots), groups),
             sample_indices=self._tensor(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows, prompt_scoring=scoring,
-            lora_rows=[(slot, self._tensor(r)) for slot, r in sorted(lora_rows.items())])
+            lora_slots=self._tensor(lora_slots) if any(s >= 0 for s in lora_slots) else None)
 
     def _group(self, tokens: slice, seqs: list[Sequence], query_positions: list[list[int]]) -> AttentionGroup:
         # Each row's blocks up to its last query, padded with block 0 (masked) to the group's longest.
@@ -96,9 +95,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: PreparedBatch) -> StepResult:
         lora = None
-        if batch.lora_rows:
+        if batch.lora_slots is not None:
             lora = self.lora_pool
-            lora.batch = batch.lora_rows   # read by every projection of this forward, in this thread only
+            lora.token_slots = batch.lora_slots   # read by every projection of this forward, in this thread only
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora)
         sampled = {}
         if batch.sample_seqs:

@@ -17,6 +17,7 @@ class Ops:
     paged_attention: Callable  # (q, k, v, k_cache, v_cache, meta, scale, window) -> [T, Hq, Dh]
     w8a16_matmul: Callable     # (x, w [N, K] int8, scales [N]) -> [..., N]
     gptq_matmul: Callable      # (x, qweight, qzeros, scales, g_idx, bits, zero_offset) -> [..., N]
+    add_lora: Callable         # (y [T, N], x [T, K], a [S, R, K], b [S, N, R], ranks [S], token_slots [T]) -> y
 
 
 def select_ops(device: torch.device, kernels: str = "auto") -> Ops:
@@ -27,9 +28,10 @@ def select_ops(device: torch.device, kernels: str = "auto") -> Ops:
     if kernels == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"the Triton kernels run on CUDA devices, not {device.type} "
                          f"(set TRITON_INTERPRET=1 to run them in Triton's slow interpreter for testing)")
-    from kernels import paged_attention, quant_matmul, rms_norm, rotary, silu_and_mul
+    from kernels import lora, paged_attention, quant_matmul, rms_norm, rotary, silu_and_mul
     if kernels == "triton" or (kernels == "auto" and device.type == "cuda"):
         return Ops("triton", rms_norm.rms_norm, rotary.rotary, silu_and_mul.silu_and_mul,
-                   paged_attention.paged_attention, quant_matmul.w8a16_matmul, quant_matmul.gptq_matmul)
+                   paged_attention.paged_attention, quant_matmul.w8a16_matmul, quant_matmul.gptq_matmul, lora.add_lora)
     return Ops("torch", rms_norm.rms_norm_reference, rotary.rotary_reference, silu_and_mul.silu_and_mul_reference,
-               paged_attention.paged_attention_reference, quant_matmul.w8a16_reference, quant_matmul.gptq_reference)
+               paged_attention.paged_attention_reference, quant_matmul.w8a16_reference, quant_matmul.gptq_reference,
+               lora.add_lora_reference)

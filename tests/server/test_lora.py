@@ -216,3 +216,16 @@ def test_runtime_load_is_confined_to_the_lora_dir_and_unload_waits_for_requests(
     tokens = run(main())
     assert len(tokens) == 40 and "alpha2" not in engine.adapters
     assert tokens[:12] == MergedReference(llama, adapters["alpha"]).greedy(prompt, 12)
+
+
+def test_the_triton_lora_kernel_serves_a_mixed_batch_like_peft(llama, adapters):
+    # On CPU the kernels run in Triton's interpreter: base, alpha (rank 8, all targets), beta (rank 4, q/v) at once.
+    engine = engine_with(llama, loras=list(adapters.items()), kernels="triton")
+    prompts = random_prompts(3, [6, 13, 9], seed=11)
+    names = [None, "alpha", "beta"]
+    params = SamplingParams(temperature=0, max_tokens=5)
+
+    async def main():
+        return await asyncio.gather(*(collect_with(engine, p, n, params) for p, n in zip(prompts, names)))
+    for prompt, name, tokens in zip(prompts, names, run(main())):
+        assert tokens == MergedReference(llama, adapters[name] if name else None).greedy(prompt, params.max_tokens)
