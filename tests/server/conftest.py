@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+import torch
 import uvicorn
 
 from server.config import EngineConfig
@@ -67,3 +68,46 @@ def free_port() -> int:
 def live(llama):
     with LiveServer(llama, kv_cache_tokens=8192) as server:
         yield server
+
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft_adapter(base: str, out, seed: int, targets=ALL, rank=8, alpha=16, rslora=False) -> str:
+    """A PEFT adapter with random non-zero A and B, as peft itself writes it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, use_rslora=rslora)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.5)  # a clear change of the output that keeps the logits in a sane range
+    peft_model.save_pretrained(str(out))
+    return str(out)
+
+
+class MergedReference:
+    """peft's own merged model on the same weights: the ground truth for an adapter's greedy output."""
+
+    def __init__(self, base: str, adapter: str | None):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        self.model = (PeftModel.from_pretrained(model, adapter).merge_and_unload() if adapter else model).eval()
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        ids = torch.tensor([prompt_ids])
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  do_sample=False, pad_token_id=2)
+        return out[0, len(prompt_ids):].tolist()
+
+
+@pytest.fixture(scope="session")
+def peft_adapters(llama, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("loras")
+    return {"alpha": make_peft_adapter(llama, root / "alpha", seed=1),
+            "beta": make_peft_adapter(llama, root / "beta", seed=2, targets=["q_proj", "v_proj"], rank=4,
+                                      rslora=True)}

@@ -1,5 +1,6 @@
 """gRPC against a live server: streaming and unary generation, errors as status codes, cancel, health, reflection."""
 import asyncio
+import shutil
 
 import grpc
 import pytest
@@ -8,7 +9,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
-from tests.server.conftest import MODEL_NAME
+from tests.server.conftest import MODEL_NAME, LiveServer, MergedReference
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +115,45 @@ def test_async_streaming_clients_concurrently(live):
     results = asyncio.run(main())
     assert all(len(t) == 6 for t in results)
     assert live.wait_until_all_blocks_free()
+
+
+@pytest.fixture(scope="module")
+def lora_stub(llama, peft_adapters, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpc_loras")
+    shutil.copytree(peft_adapters["alpha"], root / "alpha")
+    shutil.copytree(peft_adapters["beta"], root / "later" / "beta")
+    with LiveServer(llama, kv_cache_tokens=4096, lora_dir=str(root)) as server:
+        channel = grpc.insecure_channel(server.grpc_target)
+        yield pb_grpc.InferenceStub(channel)
+        channel.close()
+
+
+def test_adapters_are_listed_served_loaded_and_unloaded_over_grpc(llama, peft_adapters, lora_stub):
+    models = {m.id: m.parent for m in lora_stub.ListModels(pb.ListModelsRequest()).models}
+    assert models == {MODEL_NAME: "", "alpha": MODEL_NAME}
+    prompt = [5, 17, 42, 99, 7, 3]
+    alpha = MergedReference(llama, peft_adapters["alpha"]).greedy(prompt, 6)
+    for request_ in (pb.GenerateRequest(adapter="alpha", token_ids=pb.TokenIds(ids=prompt)),
+                     pb.GenerateRequest(model="alpha", token_ids=pb.TokenIds(ids=prompt)),
+                     pb.GenerateRequest(model=MODEL_NAME, adapter="alpha", token_ids=pb.TokenIds(ids=prompt))):
+        request_.sampling.CopyFrom(pb.SamplingParameters(max_tokens=6, temperature=0))
+        assert list(lora_stub.GenerateUnary(request_).token_ids) == alpha
+
+    for bad, fragment in ((pb.LoadLoRAAdapterRequest(lora_name="b", lora_path="../x"), "outside --lora-dir"),
+                          (pb.LoadLoRAAdapterRequest(lora_name="alpha", lora_path="later/beta"), "is taken"),
+                          (pb.LoadLoRAAdapterRequest(lora_name="b", lora_path="missing"), "not found")):
+        with pytest.raises(grpc.RpcError) as info:
+            lora_stub.LoadLoRAAdapter(bad)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in info.value.details()
+    loaded = lora_stub.LoadLoRAAdapter(pb.LoadLoRAAdapterRequest(lora_name="beta", lora_path="later/beta"))
+    assert loaded.lora_name == "beta" and loaded.rank == 4
+    beta = pb.GenerateRequest(adapter="beta", token_ids=pb.TokenIds(ids=prompt),
+                              sampling=pb.SamplingParameters(max_tokens=6, temperature=0))
+    assert list(lora_stub.GenerateUnary(beta).token_ids) == \
+        MergedReference(llama, peft_adapters["beta"]).greedy(prompt, 6)
+    lora_stub.UnloadLoRAAdapter(pb.UnloadLoRAAdapterRequest(lora_name="beta"))
+    for call in (lambda: lora_stub.GenerateUnary(beta),
+                 lambda: lora_stub.UnloadLoRAAdapter(pb.UnloadLoRAAdapterRequest(lora_name="beta"))):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND

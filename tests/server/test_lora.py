@@ -10,60 +10,18 @@ from server.default_model import ensure_default_model
 from server.engine import AsyncEngine, ModelNotFoundError
 from server.lora import LoRAError
 from server.sampling import SamplingParams
-from tests.conftest import QA, TINY, collect, qa_prompt, random_prompts, run
+from tests.conftest import QA, TINY, qa_prompt, random_prompts, run
+from tests.server.conftest import MergedReference, make_peft_adapter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_peft_adapter(base: str, out, seed: int, targets=ALL, rank=8, alpha=16, rslora=False) -> str:
-    """A PEFT adapter with random non-zero A and B, as peft itself writes it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, use_rslora=rslora)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(0.5)  # a clear change of the output that keeps the logits in a sane range
-    peft_model.save_pretrained(str(out))
-    return str(out)
-
-
-class MergedReference:
-    """peft's own merged model on the same weights: the ground truth for an adapter's greedy output."""
-
-    def __init__(self, base: str, adapter: str | None):
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        self.model = (PeftModel.from_pretrained(model, adapter).merge_and_unload() if adapter else model).eval()
-
-    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        ids = torch.tensor([prompt_ids])
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, pad_token_id=2)
-        return out[0, len(prompt_ids):].tolist()
-
-
-@pytest.fixture(scope="module")
-def adapters(llama, tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("loras")
-    return {"alpha": make_peft_adapter(llama, root / "alpha", seed=1),
-            "beta": make_peft_adapter(llama, root / "beta", seed=2, targets=["q_proj", "v_proj"], rank=4,
-                                      rslora=True)}
-
-
 def engine_with(path: str, **kw) -> AsyncEngine:
     return AsyncEngine(EngineConfig(model=path, max_wait_ms=1, kv_cache_tokens=2048, **kw))
 
 
-def test_adapter_output_equals_peft_merged_model_and_base_is_untouched(llama, adapters, hf_reference):
-    engine = engine_with(llama, loras=list(adapters.items()))
+def test_adapter_output_equals_peft_merged_model_and_base_is_untouched(llama, peft_adapters, hf_reference):
+    engine = engine_with(llama, loras=list(peft_adapters.items()))
     prompts = random_prompts(3, [5, 19, 33], seed=4)
-    refs = {name: MergedReference(llama, path) for name, path in adapters.items()}
+    refs = {name: MergedReference(llama, path) for name, path in peft_adapters.items()}
 
     async def main():
         return {name: await asyncio.gather(*(collect_with(engine, p, name) for p in prompts))
@@ -83,8 +41,8 @@ async def collect_with(engine, prompt, adapter, params=GREEDY):
     return tokens
 
 
-def test_a_batch_mixing_base_and_two_adapters_gives_each_request_what_it_gets_alone(llama, adapters):
-    engine = engine_with(llama, loras=list(adapters.items()))
+def test_a_batch_mixing_base_and_two_adapters_gives_each_request_what_it_gets_alone(llama, peft_adapters):
+    engine = engine_with(llama, loras=list(peft_adapters.items()))
     prompts = random_prompts(9, [4, 11, 26], seed=9)
     names = [None, "alpha", "beta"] * 3
 
@@ -117,8 +75,8 @@ def test_the_finetuned_adapter_answers_its_questions_when_served_and_the_base_do
         assert tokens == merged.greedy(engine.tokenizer.encode(qa_prompt(question)), len(tokens))
 
 
-def test_adapters_do_not_share_prefix_cache_with_the_base_or_each_other(llama, adapters):
-    engine = engine_with(llama, loras=list(adapters.items()))
+def test_adapters_do_not_share_prefix_cache_with_the_base_or_each_other(llama, peft_adapters):
+    engine = engine_with(llama, loras=list(peft_adapters.items()))
     prompt = random_prompts(1, [40], seed=3)[0]
 
     async def cached(adapter) -> int:
@@ -132,9 +90,9 @@ def test_adapters_do_not_share_prefix_cache_with_the_base_or_each_other(llama, a
     assert run(main()) == [0, 0, 0, 32, 32]
 
 
-def test_fewer_slots_than_adapters_evicts_idle_ones_and_queues_the_rest(llama, adapters, tmp_path):
+def test_fewer_slots_than_adapters_evicts_idle_ones_and_queues_the_rest(llama, peft_adapters, tmp_path):
     gamma = make_peft_adapter(llama, tmp_path / "gamma", seed=3, rank=16)
-    engine = engine_with(llama, loras=[*adapters.items(), ("gamma", gamma)], max_loras=1)
+    engine = engine_with(llama, loras=[*peft_adapters.items(), ("gamma", gamma)], max_loras=1)
     prompts = random_prompts(6, [8], seed=5)
     names = ["alpha", "beta", "gamma", "alpha", "gamma", "beta"]
 
@@ -146,11 +104,11 @@ def test_fewer_slots_than_adapters_evicts_idle_ones_and_queues_the_rest(llama, a
     assert len(engine.lora_pool.resident) == 1 and not engine.lora_pool.in_use
 
 
-def test_quantized_base_with_an_adapter_stays_close_to_the_float_one(llama, adapters):
+def test_quantized_base_with_an_adapter_stays_close_to_the_float_one(llama, peft_adapters):
     prompt = random_prompts(1, [20], seed=6)[0]
     results = {}
     for quant in ("none", "int8"):
-        engine = engine_with(llama, loras=[("alpha", adapters["alpha"])], quant=quant)
+        engine = engine_with(llama, loras=[("alpha", peft_adapters["alpha"])], quant=quant)
         results[quant] = run(collect_with(engine, prompt, "alpha", SamplingParams(temperature=0, max_tokens=4)))
     assert results["int8"][:2] == results["none"][:2]
 
@@ -162,17 +120,17 @@ def test_quantized_base_with_an_adapter_stays_close_to_the_float_one(llama, adap
     ("shape", "the base model needs"),
     ("target", "unexpected tensor"),
     ("dora", "use_dora adapters are not supported")])
-def test_bad_adapters_are_refused_with_a_reason(llama, adapters, tmp_path, case, message):
+def test_bad_adapters_are_refused_with_a_reason(llama, peft_adapters, tmp_path, case, message):
     import shutil
     path = tmp_path / case
     kw = {}
     if case == "missing":
         path.mkdir()
     elif case == "pickle":
-        shutil.copytree(adapters["alpha"], path)
+        shutil.copytree(peft_adapters["alpha"], path)
         (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
     elif case == "rank":
-        shutil.copytree(adapters["alpha"], path)
+        shutil.copytree(peft_adapters["alpha"], path)
         kw["max_lora_rank"] = 4
     elif case == "shape":   # an adapter made for a wider model of the same family
         from server.default_model import build_checkpoint
@@ -181,26 +139,26 @@ def test_bad_adapters_are_refused_with_a_reason(llama, adapters, tmp_path, case,
     elif case == "target":
         make_peft_adapter(llama, path, seed=1, targets=["q_proj", "lm_head"])
     elif case == "dora":
-        shutil.copytree(adapters["alpha"], path)
+        shutil.copytree(peft_adapters["alpha"], path)
         config = json.loads((path / "adapter_config.json").read_text())
         (path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
     with pytest.raises(LoRAError, match=message):
         engine_with(llama, loras=[("x", str(path))], **kw)
 
 
-def test_runtime_load_is_confined_to_the_lora_dir_and_unload_waits_for_requests(llama, adapters, tmp_path):
+def test_runtime_load_is_confined_to_the_lora_dir_and_unload_waits_for_requests(llama, peft_adapters, tmp_path):
     import shutil
-    shutil.copytree(adapters["beta"], tmp_path / "dir" / "beta")
+    shutil.copytree(peft_adapters["beta"], tmp_path / "dir" / "beta")
     engine = engine_with(llama, lora_dir=str(tmp_path / "dir"))
     assert list(engine.adapters) == ["beta"]     # --lora-dir serves what it holds
     prompt = random_prompts(1, [10], seed=8)[0]
 
     async def main():
         with pytest.raises(LoRAError, match="outside --lora-dir"):
-            await engine.load_adapter("alpha", adapters["alpha"])
+            await engine.load_adapter("alpha", peft_adapters["alpha"])
         with pytest.raises(LoRAError, match="taken"):
             await engine.load_adapter("beta", "beta")
-        shutil.copytree(adapters["alpha"], tmp_path / "dir" / "alpha")
+        shutil.copytree(peft_adapters["alpha"], tmp_path / "dir" / "alpha")
         await engine.load_adapter("alpha2", "alpha")
         long = asyncio.ensure_future(collect_with(engine, prompt, "alpha2", SamplingParams(temperature=0, max_tokens=40,
                                                                                               ignore_eos=True)))
@@ -215,12 +173,12 @@ def test_runtime_load_is_confined_to_the_lora_dir_and_unload_waits_for_requests(
         return tokens
     tokens = run(main())
     assert len(tokens) == 40 and "alpha2" not in engine.adapters
-    assert tokens[:12] == MergedReference(llama, adapters["alpha"]).greedy(prompt, 12)
+    assert tokens[:12] == MergedReference(llama, peft_adapters["alpha"]).greedy(prompt, 12)
 
 
-def test_the_triton_lora_kernel_serves_a_mixed_batch_like_peft(llama, adapters):
+def test_the_triton_lora_kernel_serves_a_mixed_batch_like_peft(llama, peft_adapters):
     # On CPU the kernels run in Triton's interpreter: base, alpha (rank 8, all targets), beta (rank 4, q/v) at once.
-    engine = engine_with(llama, loras=list(adapters.items()), kernels="triton")
+    engine = engine_with(llama, loras=list(peft_adapters.items()), kernels="triton")
     prompts = random_prompts(3, [6, 13, 9], seed=11)
     names = [None, "alpha", "beta"]
     params = SamplingParams(temperature=0, max_tokens=5)
@@ -228,4 +186,4 @@ def test_the_triton_lora_kernel_serves_a_mixed_batch_like_peft(llama, adapters):
     async def main():
         return await asyncio.gather(*(collect_with(engine, p, n, params) for p, n in zip(prompts, names)))
     for prompt, name, tokens in zip(prompts, names, run(main())):
-        assert tokens == MergedReference(llama, adapters[name] if name else None).greedy(prompt, params.max_tokens)
+        assert tokens == MergedReference(llama, peft_adapters[name] if name else None).greedy(prompt, params.max_tokens)
