@@ -193,10 +193,11 @@ class AsyncEngine:
         self.metrics.on_finished(seq, time.monotonic())
         req.queue.put_nowait(self._output(req, [], [] if seq.params.logprobs is not None else None, ""))
 
-    def _metrics_state(self) -> tuple[int, int, float, float]:
+    def _metrics_state(self) -> tuple[int, int, float, float, int, int]:
         bm = self.block_manager
         hit_ratio = bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0
-        return len(self.scheduler.running), len(self.scheduler.waiting) + len(self.batcher), bm.usage, hit_ratio
+        return (len(self.scheduler.running), len(self.scheduler.waiting) + len(self.batcher), bm.usage, hit_ratio,
+                len(self.adapters), len(self.lora_pool.resident))
 
     def health(self) -> bool:
         return self._loop_task is None or not self._loop_task.done()

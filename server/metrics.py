@@ -2,7 +2,8 @@
 
 Latencies are histograms (queue time, time to first token, inter-token latency, end-to-end); requests
 running / waiting, KV cache usage and prefix-cache hit ratio are gauges read at scrape time; tokens and
-finished requests are counters. Request metrics carry the model (or adapter) name as a label.
+finished requests are counters. Request metrics carry the model name as a label: the adapter's name for
+a request served with a LoRA adapter, so each adapter's traffic and latency can be told apart.
 """
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -16,7 +17,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 class EngineMetrics:
     def __init__(self, model_name: str, state):
-        """state() returns (running, waiting, kv_cache_usage, prefix_cache_hit_ratio), read at each scrape."""
+        """state() returns (running, waiting, kv_cache_usage, prefix_cache_hit_ratio, adapters_loaded,
+        adapters_resident), read at each scrape."""
         self.model_name = model_name
         self.state = state
         r = self.registry = CollectorRegistry()
@@ -46,6 +48,9 @@ class EngineMetrics:
                                   "Bytes the model weights take on the device; part=linear: the decoder layers' "
                                   "projections (what quantization shrinks), part=all: every weight.",
                                   m + ["part"], registry=r)
+        self.lora_adapters = Gauge("lmserve_lora_adapters",
+                                   "LoRA adapters by state: loaded (servable by name), resident (in the device pool).",
+                                   ["state"], registry=r)
         self.preemptions = Counter("lmserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                    registry=r)
 
@@ -54,19 +59,22 @@ class EngineMetrics:
         self.weight_bytes.labels(self.model_name, "linear").set(linear)
 
     def on_scheduled(self, seq: Sequence, now: float):
-        self.queue_time.labels(self.model_name).observe(now - seq.arrival_time)
+        self.queue_time.labels(self._name(seq)).observe(now - seq.arrival_time)
 
     def on_token(self, seq: Sequence, now: float, previous_token_time: float | None):
         if previous_token_time is None:
-            self.ttft.labels(self.model_name).observe(now - seq.arrival_time)
-            self.prompt_tokens.labels(self.model_name).inc(seq.num_prompt_tokens)
+            self.ttft.labels(self._name(seq)).observe(now - seq.arrival_time)
+            self.prompt_tokens.labels(self._name(seq)).inc(seq.num_prompt_tokens)
         else:
-            self.itl.labels(self.model_name).observe(now - previous_token_time)
-        self.generation_tokens.labels(self.model_name).inc()
+            self.itl.labels(self._name(seq)).observe(now - previous_token_time)
+        self.generation_tokens.labels(self._name(seq)).inc()
 
     def on_finished(self, seq: Sequence, now: float):
-        self.e2e.labels(self.model_name).observe(now - seq.arrival_time)
-        self.finished.labels(self.model_name, seq.finish_reason.value).inc()
+        self.e2e.labels(self._name(seq)).observe(now - seq.arrival_time)
+        self.finished.labels(self._name(seq), seq.finish_reason.value).inc()
+
+    def _name(self, seq: Sequence) -> str:
+        return seq.lora.name if seq.lora is not None else self.model_name
 
     def on_step(self, batch_size: int, num_preempted: int):
         self.batch_size.observe(batch_size)
@@ -74,9 +82,11 @@ class EngineMetrics:
             self.preemptions.inc(num_preempted)
 
     def render(self) -> bytes:
-        running, waiting, kv_usage, hit_ratio = self.state()
+        running, waiting, kv_usage, hit_ratio, adapters_loaded, adapters_resident = self.state()
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
         self.prefix_hit_ratio.set(hit_ratio)
+        self.lora_adapters.labels("loaded").set(adapters_loaded)
+        self.lora_adapters.labels("resident").set(adapters_resident)
         return generate_latest(self.registry)

@@ -123,3 +123,22 @@ def test_load_and_unload_under_traffic_never_fail_or_mix_up_requests(lora_live, 
     assert sum(status == 200 for _, (status, _) in churned) >= len(prompts)
     assert set(lora_live.engine.adapters) == {"alpha"}
     assert lora_live.wait_until_all_blocks_free()
+
+
+def test_metrics_count_each_adapter_under_its_own_name(lora_live, expected):
+    prompts, _ = expected
+    before = _metric(lora_live, 'lmserve_requests_finished_total{finished_reason="length",model_name="alpha"}')
+    r = httpx.post(lora_live.url + "/generate", json={"model": "alpha", "prompt": prompts[1], "max_tokens": 3,
+                                                      "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200
+    assert _metric(lora_live, 'lmserve_requests_finished_total{finished_reason="length",model_name="alpha"}') \
+        == before + 1
+    assert _metric(lora_live, 'lmserve_lora_adapters{state="loaded"}') == 1
+    assert _metric(lora_live, 'lmserve_lora_adapters{state="resident"}') >= 1
+
+
+def _metric(live, series: str) -> float:
+    for line in httpx.get(live.url + "/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
