@@ -92,10 +92,14 @@ def make_peft_adapter(base: str, out, seed: int, targets=ALL, rank=8, alpha=16, 
 class MergedReference:
     """peft's own merged model on the same weights: the ground truth for an adapter's greedy output."""
 
-    def __init__(self, base: str, adapter: str | None):
+    def __init__(self, base: str, adapter: str | None, weights: dict[str, torch.Tensor] | None = None):
+        """weights: replacements for some of the base's weights (e.g. what a quantized model computes with)."""
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        if weights:
+            unknown = model.load_state_dict(weights, strict=False).unexpected_keys
+            assert not unknown, unknown
         self.model = (PeftModel.from_pretrained(model, adapter).merge_and_unload() if adapter else model).eval()
 
     def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
