@@ -19,10 +19,14 @@ LINEAR_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]   # (K, N) of Llama
 M_VALUES = [1, 8, 32, 128, 512]
 
 
-def timer(fn, device) -> float:
-    """Median seconds per call."""
+def timer(fn, device, graph: bool = True) -> float:
+    """Median seconds per call. On CUDA the calls replay from a CUDA graph (as a server's decode step would), so
+    microsecond kernels are timed and not Python's launch overhead; graph=False for code that syncs."""
     if device.type == "cuda":
         import triton.testing
+        fn()   # compile and autotune outside the capture
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / 1e3
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
     fn()
     start = time.perf_counter()
@@ -46,27 +50,36 @@ def datasheet(device) -> tuple[float, float] | None:
 
 
 def bench_linear(device, shapes, m_values, bandwidth, rows):
+    """Each timed call runs over enough copies of the weights to overflow the L2 cache, so weights stream
+    from device memory as a real model's do (one layer's weights would otherwise sit in L2 across replays)."""
     from kernels.quant_matmul import gptq_matmul, w8a16_matmul
     from server.quantization.rtn import quantize_int8, quantize_rtn
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     for K, N in shapes:
-        w = torch.randn(N, K, device=device, dtype=torch.float16) * 0.02
-        q8, s8 = quantize_int8(w)
-        g4 = {k: v.to(device) for k, v in quantize_rtn(w, 4, 128).items()}
-        w_t = w.t().contiguous()
+        copies = max(1, -(-3 * l2 // (K * N // 2)))   # sized for the smallest (int4) weights
+        fp16, int8, int4 = [], [], []
+        for _ in range(copies):
+            w = torch.randn(N, K, device=device, dtype=torch.float16) * 0.02
+            fp16.append(w.t().contiguous())
+            int8.append(quantize_int8(w))
+            int4.append({k: v.to(device) for k, v in quantize_rtn(w, 4, 128).items()})
+            del w
         for M in m_values:
             x = torch.randn(M, K, device=device, dtype=torch.float16)
             act = 2 * (M * K + M * N)
-            fp16 = timer(lambda: x @ w_t, device)
+            fp16_t = timer(lambda: [x @ w_t for w_t in fp16], device) / copies
             cases = {
-                "fp16 torch.matmul": (fp16, 2 * K * N),
-                "int8 w8a16": (timer(lambda: w8a16_matmul(x, q8, s8), device), K * N + 4 * N),
-                "int4 gptq g128": (timer(lambda: gptq_matmul(x, g4["qweight"], g4["qzeros"], g4["scales"], g4["g_idx"], 4),
-                                         device), K * N // 2 + (K // 128) * N * 2.5 + 4 * K),
+                "fp16 torch.matmul": (fp16_t, 2 * K * N),
+                "int8 w8a16": (timer(lambda: [w8a16_matmul(x, q, s) for q, s in int8], device) / copies, K * N + 4 * N),
+                "int4 gptq g128": (timer(lambda: [gptq_matmul(x, g["qweight"], g["qzeros"], g["scales"], g["g_idx"], 4,
+                                                              group_size=128) for g in int4], device) / copies,
+                                   K * N // 2 + (K // 128) * N * 2.5),
             }
             for name, (t, weight_bytes) in cases.items():
                 nbytes = weight_bytes + act
                 rows.append(dict(op=name, shape=f"M={M} K={K} N={N}", ms=t * 1e3, gbps=nbytes / t / 1e9,
-                                 tflops=2 * M * K * N / t / 1e12, vs_torch=fp16 / t, floor=nbytes / bandwidth / t))
+                                 tflops=2 * M * K * N / t / 1e12, vs_torch=fp16_t / t, floor=nbytes / bandwidth / t))
+        del fp16, int8, int4
 
 
 def paged_batch(device, batch: int, context: int, heads: int, kv_heads: int, head_dim: int, block: int = 16):
@@ -115,11 +128,36 @@ def bench_elementwise(device, tokens_list, hidden, bandwidth, rows):
                              vs_torch=t_ref / t, floor=nbytes / bandwidth / t))
 
 
+def bench_lora(device, hidden, t_values, ranks, bandwidth, rows, num_adapters: int = 4):
+    """A q_proj-sized LoRA delta for a batch whose tokens spread over num_adapters adapters, against the torch path
+    (one pair of matmuls per adapter) and next to the base fp16 projection it rides on."""
+    from kernels.lora import add_lora, add_lora_reference
+    K = N = hidden
+    w_t = torch.randn(K, N, device=device, dtype=torch.float16) * 0.02
+    for rank in ranks:
+        a = torch.randn(num_adapters, rank, K, device=device, dtype=torch.float16) * 0.02
+        b = torch.randn(num_adapters, N, rank, device=device, dtype=torch.float16) * 0.02
+        ranks_t = torch.full((num_adapters,), rank, dtype=torch.int32, device=device)
+        for T in t_values:
+            x = torch.randn(T, K, device=device, dtype=torch.float16)
+            y = torch.randn(T, N, device=device, dtype=torch.float16)
+            slots = torch.arange(T, device=device, dtype=torch.int32) % num_adapters
+            base = timer(lambda: x @ w_t, device)
+            t = timer(lambda: add_lora(y, x, a, b, ranks_t, slots), device)
+            t_ref = timer(lambda: add_lora_reference(y, x, a, b, ranks_t, slots), device, graph=False)
+            used = min(T, num_adapters)
+            nbytes = used * rank * (K + N) * 2 + T * (K + 2 * N) * 2
+            rows.append(dict(op=f"lora r={rank} x{used} adapters", shape=f"T={T} K={K} N={N}", ms=t * 1e3,
+                             gbps=nbytes / t / 1e9, tflops=2 * T * rank * (K + N) / t / 1e12, vs_torch=t_ref / t,
+                             floor=nbytes / bandwidth / t, over_base=t / base))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes on any device, to check the script (no real timings)")
-    p.add_argument("--only", choices=["linear", "attention", "elementwise"], default=None)
+    p.add_argument("--only", choices=["linear", "attention", "elementwise", "lora"], default=None)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--m", default=None, help="comma-separated M values for the matmuls (default 1,8,32,128,512)")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
@@ -129,9 +167,13 @@ def main(argv=None):
     torch.manual_seed(0)
     if args.smoke:
         shapes, m_values, attn, tokens, hidden = [(256, 128)], [1, 16], [(2, 40, 4, 2)], [4], 128
+        lora_t, lora_ranks = [1, 6], [8]
     else:
         shapes, m_values, hidden, tokens = LINEAR_SHAPES, M_VALUES, 4096, [1, 64, 512, 4096]
         attn = [(b, ctx, h, kv) for h, kv in [(32, 32), (32, 8)] for b, ctx in [(1, 4096), (16, 1024), (64, 1024), (64, 4096)]]
+        lora_t, lora_ranks = [1, 8, 32, 128, 512], [16, 64]
+    if args.m:
+        m_values = [int(v) for v in args.m.split(",")]
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**24)
     sheet = datasheet(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
@@ -144,12 +186,15 @@ def main(argv=None):
         bench_attention(device, attn, bandwidth, rows)
     if args.only in (None, "elementwise"):
         bench_elementwise(device, tokens, hidden, bandwidth, rows)
+    if args.only in (None, "lora"):
+        bench_lora(device, hidden, lora_t, lora_ranks, bandwidth, rows)
     print(f"{'op':24} {'shape':28} {'ms':>9} {'GB/s':>8} {'TFLOP/s':>8} {'x torch':>8} {'% floor':>8}")
     for r in rows:
         print(f"{r['op']:24} {r['shape']:28} {r['ms']:9.4f} {r['gbps']:8.0f} {r['tflops']:8.1f} "
-              f"{r['vs_torch']:8.2f} {100 * r['floor']:7.0f}%")
+              f"{r['vs_torch']:8.2f} {100 * r['floor']:7.0f}%" + (f"  +base {r['over_base']:.2f}" if "over_base" in r else ""))
     print("x torch: torch's time over ours (fp16 torch.matmul for the matmuls, SDPA on contiguous K/V for attention, "
-          "the torch reference for elementwise ops); % floor: bytes moved / measured copy bandwidth over our time.")
+          "the torch reference for elementwise ops and LoRA); % floor: bytes moved / measured copy bandwidth over our "
+          "time. LoRA rows also give their time over the fp16 base projection's (+base).")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": name, "copy_bandwidth": bandwidth, "rows": rows}, f, indent=1)

@@ -5,17 +5,33 @@ GPTQ (as auto-gptq writes it), bits 4 or 8, pack = 32 // bits values per int32, 
   qweight [K / pack, N] packs consecutive input channels; qzeros [G, N / pack] packs output channels and
   stores zero - 1; scales [G, N]; g_idx [K] is the group of each input channel (act-order permutes it).
   W[n, k] = scales[g, n] * (q[k, n] - zero[g, n]) with g = g_idx[k].
-Both accumulate in float32. Small M (decode) takes a GEMV kernel split along K; larger M a tiled tl.dot
-kernel. Autotune keys round M up to a power of two, so a batch that grows by one does not retune.
+Both accumulate in float32. Small M (decode) takes a GEMV kernel; larger M a tiled tl.dot kernel. Autotune
+keys round M up to a power of two, so a batch that grows by one does not retune.
+
+Plain grouping (g_idx[k] == k // group_size) is the fast path: the caller passes group_size and the kernels
+compute groups instead of gathering them, and the GEMV reads each packed word's scale and zero once, storing
+y directly. An act-order checkpoint is brought to plain grouping once, at load, by `sort_act_order`, which
+permutes K (the caller permutes x's columns the same way). Any other g_idx takes the general kernels.
 """
+import inspect
 import os
 
 import torch
 import triton
+import triton.testing
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMV_MAX_M = 8
+
+
+def _graph_bench(fn, quantiles=None, **_):
+    # A decode GEMV runs for microseconds, less than Python takes to launch it: timed through a CUDA graph's
+    # replays, the autotuner compares the kernels and not the launch overhead.
+    return triton.testing.do_bench_cudagraph(fn, rep=20, quantiles=quantiles)
+
+
+_GRAPH_TUNED = {"do_bench": _graph_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
 
 
 # ---- references (the CPU path) ----
@@ -49,28 +65,55 @@ def dequantize_gptq(qweight, qzeros, scales, g_idx, bits: int, zero_offset: int 
     return scales.float()[g] * (q - zeros[g])
 
 
+def sort_act_order(qweight: torch.Tensor, g_idx: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qweight, perm) with K reordered so that the groups are contiguous: x[..., perm] @ W' == x @ W and the
+    new g_idx is g_idx[perm], sorted (plain grouping when every group has group_size channels)."""
+    perm = torch.argsort(g_idx.long(), stable=True)
+    codes = unpack(qweight, bits, dim=0)
+    return pack(codes[perm], bits, dim=0), perm
+
+
+def is_plain_grouping(g_idx: torch.Tensor, group_size: int) -> bool:
+    K = g_idx.shape[0]
+    return torch.equal(g_idx.long().cpu(), torch.arange(K) // (K if group_size == -1 else group_size))
+
+
 def w8a16_reference(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     # x: [..., K]; w: [N, K] int8; scales: [N]
     return (torch.nn.functional.linear(x.float(), w.float()) * scales.float()).to(x.dtype)
 
 
-def gptq_reference(x, qweight, qzeros, scales, g_idx, bits: int, zero_offset: int = 1) -> torch.Tensor:
+def gptq_reference(x, qweight, qzeros, scales, g_idx, bits: int, zero_offset: int = 1,
+                   group_size: int | None = None) -> torch.Tensor:
     return (x.float() @ dequantize_gptq(qweight, qzeros, scales, g_idx, bits, zero_offset)).to(x.dtype)
 
 
 # ---- Triton ----
 
 @triton.jit
-def _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, N, K,
-                 GPTQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
-    """Dequantized [BLOCK_K, BLOCK_N] float32 tile of W (int8 tiles come back unscaled; see the callers)."""
+def _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, k0, offs_k, offs_n, N, K,
+                 GPTQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Dequantized [BLOCK_K, BLOCK_N] float32 tile of W (int8 tiles come back unscaled; see the callers).
+    GROUP_SIZE > 0: plain grouping, so groups are computed (one per tile when it divides GROUP_SIZE); 0: g_idx."""
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     if GPTQ:
         PACK: tl.constexpr = 32 // BITS
         MAXQ: tl.constexpr = (1 << BITS) - 1
         words = tl.load(w_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=mask, other=0)
         q = (words >> ((offs_k[:, None] % PACK) * BITS)) & MAXQ
-        g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
+        TILE_IN_ONE_GROUP: tl.constexpr = GROUP_SIZE > 0 and GROUP_SIZE % BLOCK_K == 0
+        if TILE_IN_ONE_GROUP:
+            g = k0 // GROUP_SIZE
+            n_mask = offs_n < N
+            scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            zword = tl.load(z_ptr + g * (N // PACK) + offs_n // PACK, mask=n_mask, other=0)
+            zero = (((zword >> ((offs_n % PACK) * BITS)) + ZERO_OFFSET) & MAXQ)[None, :]
+            return (q - zero).to(tl.float32) * scale
+        if GROUP_SIZE > 0:
+            g = offs_k // GROUP_SIZE
+        else:
+            g = tl.load(g_ptr + offs_k, mask=offs_k < K, other=0)
         scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         zword = tl.load(z_ptr + g[:, None] * (N // PACK) + offs_n[None, :] // PACK, mask=mask, other=0)
         zero = ((zword >> ((offs_n[None, :] % PACK) * BITS)) + ZERO_OFFSET) & MAXQ
@@ -99,11 +142,90 @@ def _gemv_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, N, K, GPTQ, BITS, ZERO_OFFSET)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, k0, offs_k, offs_n, N, K, GPTQ, BITS, ZERO_OFFSET, 0, BLOCK_K)
         acc += tl.sum(x[:, None] * w, axis=0)
     if not GPTQ:
         acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     tl.atomic_add(y_ptr + m * N + offs_n, acc, mask=offs_n < N)
+
+
+def _direct_configs(split: bool):
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if split else 1})]
+    # Deep tiles, or a split along K, keep enough bytes in flight for a GEMV to reach memory bandwidth.
+    if not split:   # int8: measured on an H100, the deep unsplit tiles beat any split (no zeroing launch)
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=nw)
+                for bn, bk, nw in [(8, 1024, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 4),
+                                   (32, 1024, 8), (64, 256, 8), (16, 256, 2), (8, 512, 2)]]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw)
+            for bn, bk, sk, nw in [(32, 128, 1, 4), (64, 128, 2, 4), (32, 128, 4, 4), (64, 128, 4, 4),
+                                   (128, 128, 4, 8), (64, 64, 8, 4), (32, 256, 4, 4), (64, 256, 2, 8),
+                                   (16, 512, 4, 4), (8, 1024, 4, 4), (32, 512, 2, 4), (32, 1024, 1, 8)]]
+
+
+@triton.jit
+def _store_or_add(y_ptr, offs_n, n_mask, y, SPLIT_K: tl.constexpr):
+    # With a split along K the programs of one strip add into y (zeroed by the caller) in its own dtype, as
+    # exllama's GEMV does: one launch, no float32 buffer and cast.
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.atomic_add(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.autotune(configs=_direct_configs(split=False), key=["M_BUCKET", "N", "K"], **_GRAPH_TUNED)
+@triton.jit
+def _gemv_int8_kernel(x_ptr, y_ptr, w_ptr, s_ptr, M, N, K, M_BUCKET,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # One row of x times a BLOCK_N-row strip of w [N, K] (K contiguous), partial sums kept 2-D until the end.
+    m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + m * K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0)
+        acc += w.to(tl.float32) * x[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    _store_or_add(y_ptr + m * N, offs_n, n_mask, y, SPLIT_K)
+
+
+@triton.autotune(configs=_direct_configs(split=True), key=["M_BUCKET", "N", "K"], reset_to_zero=["y_ptr"],
+                 **_GRAPH_TUNED)
+@triton.jit
+def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
+                      BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # Plain grouping: a tile inside one group reads one scale and zero per column; otherwise each row's.
+    PACK: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    TILE_IN_ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
+    m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    z_shift = (offs_n % PACK) * BITS
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        mask = k_mask[:, None] & n_mask[None, :]
+        x = tl.load(x_ptr + m * K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        words = tl.load(w_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=mask, other=0)
+        q = ((words >> ((offs_k[:, None] % PACK) * BITS)) & MAXQ).to(tl.float32)
+        if TILE_IN_ONE_GROUP:
+            g = k0 // GROUP_SIZE
+            scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            zword = tl.load(z_ptr + g * (N // PACK) + offs_n // PACK, mask=n_mask, other=0)
+            zero = (((zword >> z_shift) + ZERO_OFFSET) & MAXQ).to(tl.float32)[None, :]
+        else:
+            g = offs_k // GROUP_SIZE
+            scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            zword = tl.load(z_ptr + g[:, None] * (N // PACK) + (offs_n // PACK)[None, :], mask=mask, other=0)
+            zero = (((zword >> z_shift[None, :]) + ZERO_OFFSET) & MAXQ).to(tl.float32)
+        acc += x[:, None] * ((q - zero) * scale)
+    _store_or_add(y_ptr + m * N, offs_n, n_mask, tl.sum(acc, axis=0), SPLIT_K)
 
 
 def _tiled_configs():
@@ -118,7 +240,7 @@ def _tiled_configs():
 @triton.autotune(configs=_tiled_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _tiled_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
-                  GPTQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+                  GPTQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -128,7 +250,8 @@ def _tiled_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, offs_k, offs_n, N, K, GPTQ, BITS, ZERO_OFFSET)
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, k0, offs_k, offs_n, N, K, GPTQ, BITS, ZERO_OFFSET, GROUP_SIZE,
+                         BLOCK_K)
         acc += tl.dot(x, w.to(x.dtype))
     if not GPTQ:
         acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -136,21 +259,28 @@ def _tiled_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
              mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def _launch(x, w, scales, qzeros, g_idx, N, gptq: bool, bits: int, zero_offset: int):
+def _launch(x, w, scales, qzeros, g_idx, N, gptq: bool, bits: int, zero_offset: int, group_size: int | None):
     lead, K = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     m_bucket = triton.next_power_of_2(M)
-    args = (w, scales, qzeros, g_idx, M, N, K, m_bucket, gptq, bits, zero_offset)
-    if M <= GEMV_MAX_M:
+    if M <= GEMV_MAX_M and (not gptq or group_size is not None):
+        y = (torch.zeros if gptq else torch.empty)(M, N, device=x.device, dtype=x.dtype)   # gptq may split K
+        grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        if gptq:
+            _gemv_gptq_kernel[grid](x2, y, w, scales, qzeros, M, N, K, m_bucket, bits, zero_offset, group_size)
+        else:
+            _gemv_int8_kernel[grid](x2, y, w, scales, M, N, K, m_bucket)
+    elif M <= GEMV_MAX_M:
         y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
         grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        _gemv_kernel[grid](x2, y, *args)
+        _gemv_kernel[grid](x2, y, w, scales, qzeros, g_idx, M, N, K, m_bucket, gptq, bits, zero_offset)
         y = y.to(x.dtype)
     else:
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        _tiled_kernel[grid](x2, y, *args)
+        _tiled_kernel[grid](x2, y, w, scales, qzeros, g_idx, M, N, K, m_bucket, gptq, bits, zero_offset,
+                            group_size or 0)
     return y.view(*lead, N)
 
 
@@ -158,12 +288,18 @@ def w8a16_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torc
     """x: [..., K] float; w: [N, K] int8; scales: [N] -> [..., N] in x's dtype."""
     N, K = w.shape
     assert x.shape[-1] == K and w.dtype == torch.int8 and w.is_contiguous() and scales.shape == (N,)
-    return _launch(x, w, scales, w, scales, N, gptq=False, bits=8, zero_offset=0)
+    return _launch(x, w, scales, w, scales, N, gptq=False, bits=8, zero_offset=0, group_size=None)
 
 
-def gptq_matmul(x, qweight, qzeros, scales, g_idx, bits: int, zero_offset: int = 1) -> torch.Tensor:
-    """x: [..., K]; the GPTQ tensors as the module docstring lays them out -> [..., N] in x's dtype."""
+def gptq_matmul(x, qweight, qzeros, scales, g_idx, bits: int, zero_offset: int = 1,
+                group_size: int | None = None) -> torch.Tensor:
+    """x: [..., K]; the GPTQ tensors as the module docstring lays them out -> [..., N] in x's dtype.
+    group_size (-1: one group) promises plain grouping, g_idx[k] == k // group_size: the fast kernels."""
     K, N = qweight.shape[0] * (32 // bits), qweight.shape[1]
     assert bits in (4, 8) and x.shape[-1] == K and g_idx.shape == (K,) and scales.shape[1] == N
     assert qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()
-    return _launch(x, qweight, scales, qzeros, g_idx, N, gptq=True, bits=bits, zero_offset=zero_offset)
+    if group_size is not None:
+        group_size = K if group_size == -1 else group_size
+        assert group_size % (32 // bits) == 0, "a packed word must not straddle two groups"
+    return _launch(x, qweight, scales, qzeros, g_idx, N, gptq=True, bits=bits, zero_offset=zero_offset,
+                   group_size=group_size)

@@ -104,6 +104,9 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
     missing = sorted(expected - loaded - tied)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    for module in model.modules():
+        if hasattr(module, "finish_loading"):
+            module.finish_loading()
     model.weight_bytes = weight_bytes(model)
     model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
                                     if name.endswith("_proj") and "." in name)

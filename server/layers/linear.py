@@ -2,12 +2,14 @@
 
 Parameters are filled by the loader, never initialised. A quantized layer built over a float checkpoint
 takes each float weight through load_float_weight(), so only one float tensor is ever held at a time;
-a GPTQ checkpoint fills qweight / qzeros / scales / g_idx by name.
+a GPTQ checkpoint fills qweight / qzeros / scales / g_idx by name. The loader then calls finish_loading(),
+where an act-order GPTQ layer sorts its rows by group once, so the kernels' fast path serves it.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.quant_matmul import is_plain_grouping, sort_act_order
 from server.layers.ops import Ops
 from server.quantization.config import QuantConfig
 from server.quantization.rtn import quantize_int8, quantize_rtn
@@ -66,14 +68,32 @@ class GPTQLinear(nn.Module):
         self.g_idx = nn.Parameter(torch.arange(in_features, dtype=torch.int32) // gs, requires_grad=False)
         self.bias = _param(out_features) if bias else None
 
+        self.perm: torch.Tensor | None = None      # act-order: x's columns in the order qweight's rows now have
+        self.plain_group_size: int | None = None   # set once g_idx is k // group_size: the kernels' fast path
+
     def load_float_weight(self, w: torch.Tensor):
         q = self.quant
         for name, tensor in quantize_rtn(w.to(self.qweight.device), q.bits, q.group_size, q.sym).items():
             getattr(self, name).data.copy_(tensor)
 
+    def finish_loading(self):
+        """Brings an act-order layer to plain grouping (qweight's rows sorted by group, x permuted to match)."""
+        gs = self.quant.group_size
+        if not is_plain_grouping(self.g_idx, gs) and self.quant.group_size != -1:
+            qweight, perm = sort_act_order(self.qweight.data, self.g_idx.data, self.quant.bits)
+            if not is_plain_grouping(self.g_idx.data[perm], gs):
+                return  # groups of uneven sizes: the general kernels read g_idx as it is
+            self.qweight.data.copy_(qweight)
+            self.g_idx.data.copy_(self.g_idx.data[perm])
+            self.perm = perm.to(self.qweight.device)
+        if is_plain_grouping(self.g_idx, gs):
+            self.plain_group_size = gs
+
     def forward(self, x):
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         y = self.ops.gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.quant.bits,
-                                 self.quant.zero_offset)
+                                 self.quant.zero_offset, self.plain_group_size)
         return y if self.bias is None else y + self.bias
 
 

@@ -16,7 +16,7 @@ class Ops:
     silu_and_mul: Callable     # (gate, up) -> silu(gate) * up
     paged_attention: Callable  # (q, k, v, k_cache, v_cache, meta, scale, window) -> [T, Hq, Dh]
     w8a16_matmul: Callable     # (x, w [N, K] int8, scales [N]) -> [..., N]
-    gptq_matmul: Callable      # (x, qweight, qzeros, scales, g_idx, bits, zero_offset) -> [..., N]
+    gptq_matmul: Callable      # (x, qweight, qzeros, scales, g_idx, bits, zero_offset, group_size) -> [..., N]
     add_lora: Callable         # (y [T, N], x [T, K], a [S, R, K], b [S, N, R], ranks [S], token_slots [T]) -> y
 
 

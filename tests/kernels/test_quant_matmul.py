@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels.quant_matmul import (GEMV_MAX_M, dequantize_gptq, gptq_matmul, gptq_reference, pack, unpack,
-                                  w8a16_matmul, w8a16_reference)
+from kernels.quant_matmul import (GEMV_MAX_M, dequantize_gptq, gptq_matmul, gptq_reference, is_plain_grouping,
+                                  pack, sort_act_order, unpack, w8a16_matmul, w8a16_reference)
 from tests.kernels.conftest import DEVICE, DOT_DTYPES, close
 
 # M = 1 and 5 take the GEMV kernel, 33 and 123 the tiled one.
@@ -49,7 +49,31 @@ def test_gptq_matmul_matches_reference(M, K, N, bits, group_size, act_order, dty
     x = torch.randn(M, K, dtype=dtype, device=DEVICE)
     ref = gptq_reference(x, **tensors, bits=bits)
     close(ref, (x.float() @ dense).to(dtype), dtype, scale=4)
-    close(gptq_matmul(x, **tensors, bits=bits), ref, dtype, scale=4)
+    close(gptq_matmul(x, **tensors, bits=bits), ref, dtype, scale=4)     # any g_idx: the general kernels
+    if act_order:   # brought to plain grouping as the loader does: permute K in the weights and in x
+        qweight, perm = sort_act_order(tensors["qweight"], tensors["g_idx"], bits)
+        tensors = tensors | {"qweight": qweight, "g_idx": tensors["g_idx"][perm]}
+        x = x[:, perm]
+    assert is_plain_grouping(tensors["g_idx"], group_size)
+    close(gptq_matmul(x, **tensors, bits=bits, group_size=group_size), ref, dtype, scale=4)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("M", [1, 5, 40])
+@pytest.mark.parametrize("K,N,group_size", [(512, 48, 128), (1024, 40, 512), (256, 64, -1), (96, 32, 32)])
+def test_plain_grouping_over_deep_tiles(M, K, N, group_size, dtype):
+    # Sizes where a kernel tile spans several groups, exactly one, or a part of one.
+    tensors, dense = random_gptq(K, N, 4, K if group_size == -1 else group_size, False)
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    close(gptq_matmul(x, **tensors, bits=4, group_size=group_size), (x.float() @ dense).to(dtype), dtype, scale=4)
+
+
+def test_sort_act_order_permutes_k_so_groups_are_contiguous():
+    tensors, dense = random_gptq(64, 16, 4, 16, act_order=True)
+    assert not is_plain_grouping(tensors["g_idx"], 16)
+    qweight, perm = sort_act_order(tensors["qweight"], tensors["g_idx"], 4)
+    sorted_dense = dequantize_gptq(qweight, tensors["qzeros"], tensors["scales"], tensors["g_idx"][perm], 4)
+    assert torch.equal(sorted_dense, dense[perm])
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)

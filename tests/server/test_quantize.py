@@ -109,7 +109,9 @@ def test_gptq_checkpoint_loads_close_to_the_float_model_and_closer_than_rtn(floa
     model = load_model(gptq_checkpoint, torch.float32, CPU, 512)
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, GPTQLinear) and layer.quant.desc_act
-    assert not torch.equal(layer.g_idx, torch.arange(64, dtype=torch.int32) // 32)   # act-order g_idx in use
+    # The act-order g_idx was in use, and loading sorted the rows by group (x is permuted to match).
+    assert layer.perm is not None and not torch.equal(layer.perm, torch.arange(64))
+    assert layer.plain_group_size == 32
     # Held-out text like the calibration data (GPTQ fits the activations it was calibrated on).
     text = load_tokenizer(float_model).encode("later the cache serves every model block while requests keep "
                                               "tokens it needs quickly for the model")
