@@ -117,6 +117,11 @@ class AsyncEngine:
                        StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output))
         if lora is not None:
             await self.lora_pool.acquire(lora)   # waits while every slot serves other adapters' requests
+            if self.adapters.get(lora.name) is not lora:   # unloaded while this request waited for a slot
+                await self.lora_pool.release(lora)
+                if lora not in self.lora_pool.in_use:
+                    self.lora_pool.evict(lora)
+                raise ModelNotFoundError(f"the adapter {lora.name!r} was unloaded")
         self._requests[request_id] = req
         self.batcher.add(seq)
         self._wake.set()
