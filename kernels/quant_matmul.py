@@ -199,32 +199,17 @@ def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
                       BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # Plain grouping: a tile inside one group reads one scale and zero per column; otherwise each row's.
-    PACK: tl.constexpr = 32 // BITS
-    MAXQ: tl.constexpr = (1 << BITS) - 1
-    TILE_IN_ONE_GROUP: tl.constexpr = GROUP_SIZE % BLOCK_K == 0
     m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    z_shift = (offs_n % PACK) * BITS
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        mask = k_mask[:, None] & n_mask[None, :]
-        x = tl.load(x_ptr + m * K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        words = tl.load(w_ptr + (offs_k[:, None] // PACK) * N + offs_n[None, :], mask=mask, other=0)
-        q = ((words >> ((offs_k[:, None] % PACK) * BITS)) & MAXQ).to(tl.float32)
-        if TILE_IN_ONE_GROUP:
-            g = k0 // GROUP_SIZE
-            scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            zword = tl.load(z_ptr + g * (N // PACK) + offs_n // PACK, mask=n_mask, other=0)
-            zero = (((zword >> z_shift) + ZERO_OFFSET) & MAXQ).to(tl.float32)[None, :]
-        else:
-            g = offs_k // GROUP_SIZE
-            scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-            zword = tl.load(z_ptr + g[:, None] * (N // PACK) + (offs_n // PACK)[None, :], mask=mask, other=0)
-            zero = (((zword >> z_shift[None, :]) + ZERO_OFFSET) & MAXQ).to(tl.float32)
-        acc += x[:, None] * ((q - zero) * scale)
+        x = tl.load(x_ptr + m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        # g_ptr is never read with GROUP_SIZE > 0
+        w = _weight_tile(w_ptr, s_ptr, z_ptr, s_ptr, k0, offs_k, offs_n, N, K, True, BITS, ZERO_OFFSET, GROUP_SIZE,
+                         BLOCK_K)
+        acc += x[:, None] * w
     _store_or_add(y_ptr + m * N, offs_n, n_mask, tl.sum(acc, axis=0), SPLIT_K)
 
 

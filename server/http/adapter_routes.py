@@ -7,7 +7,7 @@ when its in-flight requests have finished.
 from starlette.responses import JSONResponse, Response
 
 from server.engine import AsyncEngine, ModelNotFoundError
-from server.http.protocol import ApiError
+from server.http.protocol import ApiError, model_not_found
 from server.lora import LoRAError
 
 
@@ -32,5 +32,5 @@ async def unload_lora_adapter(engine: AsyncEngine, body: dict) -> Response:
     try:
         await engine.unload_adapter(name)
     except ModelNotFoundError as e:
-        raise ApiError(404, str(e), "lora_name", "NotFoundError", "model_not_found") from None
+        raise model_not_found(str(e), "lora_name") from None
     return JSONResponse({"lora_name": name, "status": "unloaded"})

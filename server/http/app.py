@@ -20,7 +20,7 @@ from starlette.routing import Route
 from server.engine import AsyncEngine, ModelNotFoundError
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
-from server.http.protocol import ApiError
+from server.http.protocol import ApiError, model_not_found
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
@@ -109,7 +109,7 @@ def build_app(engine: AsyncEngine) -> Starlette:
         except InvalidRequestError as e:
             raise ApiError(400, str(e), e.param) from None
         except ModelNotFoundError as e:
-            raise ApiError(404, str(e), "model", "NotFoundError", "model_not_found") from None
+            raise model_not_found(str(e)) from None
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None
         if body.get("stream"):

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from server.engine import AsyncEngine, ModelNotFoundError
-from server.http.protocol import ApiError, parse_chat, parse_completion
+from server.http.protocol import ApiError, model_not_found, parse_chat, parse_completion
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
 from server.tokenizer import encode_chat
@@ -142,7 +142,7 @@ class OpenAIRoutes:
             if isinstance(e, InvalidRequestError):
                 raise ApiError(400, str(e), e.param) from None
             if isinstance(e, ModelNotFoundError):  # unloaded between the check and the start
-                raise ApiError(404, str(e), "model", "NotFoundError", "model_not_found") from None
+                raise model_not_found(str(e)) from None
             raise e
         for c, first in zip(choices, firsts):
             c.add(first)
@@ -193,7 +193,7 @@ class OpenAIRoutes:
         try:
             return None if self.engine.resolve_adapter(model) is None else model
         except ModelNotFoundError as e:
-            raise ApiError(404, str(e), "model", "NotFoundError", "model_not_found") from None
+            raise model_not_found(str(e)) from None
 
     def _prompt_text(self, prompt) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=False)

@@ -20,6 +20,11 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def model_not_found(message: str, param: str = "model") -> ApiError:
+    """404 for a model or adapter this server does not serve, as OpenAI answers it."""
+    return ApiError(404, message, param, "NotFoundError", "model_not_found")
+
+
 @dataclass
 class CompletionRequest:
     model: str

@@ -79,15 +79,14 @@ class GPTQLinear(nn.Module):
     def finish_loading(self):
         """Brings an act-order layer to plain grouping (qweight's rows sorted by group, x permuted to match)."""
         gs = self.quant.group_size
-        if not is_plain_grouping(self.g_idx, gs) and self.quant.group_size != -1:
+        if not is_plain_grouping(self.g_idx, gs):
             qweight, perm = sort_act_order(self.qweight.data, self.g_idx.data, self.quant.bits)
             if not is_plain_grouping(self.g_idx.data[perm], gs):
                 return  # groups of uneven sizes: the general kernels read g_idx as it is
             self.qweight.data.copy_(qweight)
             self.g_idx.data.copy_(self.g_idx.data[perm])
             self.perm = perm.to(self.qweight.device)
-        if is_plain_grouping(self.g_idx, gs):
-            self.plain_group_size = gs
+        self.plain_group_size = gs
 
     def forward(self, x):
         if self.perm is not None:
