@@ -19,9 +19,10 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
     out = torch.empty_like(q)
-    for g in meta.groups:
+    for g in meta.merged_groups():
         batch, num_queries = g.shape
-        qs = q[g.tokens].view(batch, num_queries, *q.shape[1:]).transpose(1, 2)   # [B, Hq, Q, Dh]
+        rows = g.tokens if isinstance(g.tokens, slice) else g.tokens.view(-1)   # -1: padding (reads row -1)
+        qs = q[rows].view(batch, num_queries, *q.shape[1:]).transpose(1, 2)   # [B, Hq, Q, Dh]
         # Whole blocks are gathered (index_select: 3x faster than advanced indexing on CPU), then seen as one
         # key axis of MB * block_size positions.
         blocks = g.block_tables.view(-1)
@@ -29,7 +30,12 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
         vs = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask(window, block_size), scale=scale,
                                            enable_gqa=num_kv_heads != q.shape[1])
-        out[g.tokens] = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        o = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        if isinstance(rows, slice):
+            out[rows] = o
+        else:
+            real = rows >= 0
+            out[rows[real]] = o[real]
     return out
 
 

@@ -6,11 +6,12 @@ tokens, contiguous in the batch. All decodes form one group (n = 1); prompt chun
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
 class AttentionGroup:
-    tokens: slice                 # rows of the flat batch this group owns
+    tokens: slice | torch.Tensor  # rows of the flat batch this group owns: a slice, or [B, Q] row indices (-1: padding)
     block_tables: torch.Tensor    # [B, MB] cache blocks holding each row's keys (padding points at block 0, masked)
     query_positions: torch.Tensor  # [B, Q] position of every query
     _masks: dict = field(default_factory=dict)
@@ -36,3 +37,31 @@ class AttentionGroup:
 class AttentionMetadata:
     slot_mapping: torch.Tensor    # [T] cache slot where each new token's K/V goes
     groups: list[AttentionGroup]
+    _merged: list[AttentionGroup] | None = field(default=None, repr=False)
+
+    def merged_groups(self) -> list[AttentionGroup]:
+        """The groups with every multi-query group padded into one, for the torch reference: a step of prompts
+        of many lengths then costs two attention calls per layer, not one per length. A row's padding has token
+        index -1 and repeats its last query position, so its mask is a real row's and its output is dropped."""
+        if self._merged is None:
+            multi = [g for g in self.groups if g.shape[1] > 1]
+            if len(multi) < 2:
+                self._merged = self.groups
+            else:
+                num_queries = max(g.shape[1] for g in multi)
+                num_blocks = max(g.block_tables.shape[1] for g in multi)
+                rows, tables, positions = [], [], []
+                for g in multi:
+                    batch, n = g.shape
+                    r = torch.arange(g.tokens.start, g.tokens.stop, device=g.query_positions.device).view(batch, n)
+                    rows.append(F.pad(r, (0, num_queries - n), value=-1))
+                    positions.append(_pad_right(g.query_positions, num_queries))
+                    tables.append(F.pad(g.block_tables, (0, num_blocks - g.block_tables.shape[1])))
+                merged = AttentionGroup(torch.cat(rows), torch.cat(tables), torch.cat(positions))
+                self._merged = [g for g in self.groups if g.shape[1] == 1] + [merged]
+        return self._merged
+
+
+def _pad_right(x: torch.Tensor, width: int) -> torch.Tensor:
+    # [B, n] -> [B, width], repeating each row's last column
+    return torch.cat([x, x[:, -1:].expand(-1, width - x.shape[1])], dim=1)

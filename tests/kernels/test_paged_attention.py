@@ -82,3 +82,17 @@ def test_decode_attends_only_to_keys_up_to_its_position():
     cache[1, block_table[1], 5:] = 1e4   # positions 21..31, after the query at 20
     out = paged_attention(q, k, v, cache[0], cache[1], meta, 0.25, None)
     assert out.abs().max() < 100
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_reference_padding_prompts_into_one_group_changes_nothing(window):
+    # Prompt chunks of 9, 40 and 3 queries run as one padded group; computed group by group they agree.
+    q, k, v, cache, meta = build_batch([(1, [3, 64]), (3, [30]), (9, [0, 40]), (40, [7])], 6, 2, 16, torch.float32)
+    merged = meta.merged_groups()
+    assert [g.shape for g in merged] == [(2, 1), (4, 40)]
+    padded = merged[1].tokens
+    assert (padded >= 0).sum() == 3 + 18 + 40 and padded[0, 3:].eq(-1).all()
+    per_group = AttentionMetadata(meta.slot_mapping, meta.groups, _merged=meta.groups)
+    out = paged_attention_reference(q, k, v, cache[0].clone(), cache[1].clone(), meta, 0.25, window)
+    ref = paged_attention_reference(q, k, v, cache[0].clone(), cache[1].clone(), per_group, 0.25, window)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
