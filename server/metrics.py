@@ -5,6 +5,8 @@ running / waiting, KV cache usage and prefix-cache hit ratio are gauges read at 
 finished requests are counters. Request metrics carry the model name as a label: the adapter's name for
 a request served with a LoRA adapter, so each adapter's traffic and latency can be told apart.
 """
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from server.sequence import Sequence
@@ -13,6 +15,18 @@ _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 
                     40.0, 80.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+@dataclass
+class _ModelSeries:
+    """One model name's labelled children of the request metrics."""
+    name: str
+    queue_time: Histogram
+    ttft: Histogram
+    itl: Histogram
+    e2e: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
 
 
 class EngineMetrics:
@@ -53,28 +67,37 @@ class EngineMetrics:
                                    ["state"], registry=r)
         self.preemptions = Counter("lmserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                    registry=r)
+        self._by_model: dict[str, _ModelSeries] = {}
 
     def set_weight_bytes(self, total: int, linear: int):
         self.weight_bytes.labels(self.model_name, "all").set(total)
         self.weight_bytes.labels(self.model_name, "linear").set(linear)
 
     def on_scheduled(self, seq: Sequence, now: float):
-        self.queue_time.labels(self._name(seq)).observe(now - seq.arrival_time)
+        self._series(seq).queue_time.observe(now - seq.arrival_time)
 
     def on_token(self, seq: Sequence, now: float, previous_token_time: float | None):
+        series = self._series(seq)
         if previous_token_time is None:
-            self.ttft.labels(self._name(seq)).observe(now - seq.arrival_time)
-            self.prompt_tokens.labels(self._name(seq)).inc(seq.num_prompt_tokens)
+            series.ttft.observe(now - seq.arrival_time)
+            series.prompt_tokens.inc(seq.num_prompt_tokens)
         else:
-            self.itl.labels(self._name(seq)).observe(now - previous_token_time)
-        self.generation_tokens.labels(self._name(seq)).inc()
+            series.itl.observe(now - previous_token_time)
+        series.generation_tokens.inc()
 
     def on_finished(self, seq: Sequence, now: float):
-        self.e2e.labels(self._name(seq)).observe(now - seq.arrival_time)
-        self.finished.labels(self._name(seq), seq.finish_reason.value).inc()
+        series = self._series(seq)
+        series.e2e.observe(now - seq.arrival_time)
+        self.finished.labels(series.name, seq.finish_reason.value).inc()
 
-    def _name(self, seq: Sequence) -> str:
-        return seq.lora.name if seq.lora is not None else self.model_name
+    def _series(self, seq: Sequence) -> "_ModelSeries":
+        # labels() takes a lock and builds a key each call; per token that adds up, so each model's children are kept
+        name = seq.lora.name if seq.lora is not None else self.model_name
+        series = self._by_model.get(name)
+        if series is None:
+            series = self._by_model[name] = _ModelSeries(name, *(m.labels(name) for m in (
+                self.queue_time, self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens)))
+        return series
 
     def on_step(self, batch_size: int, num_preempted: int):
         self.batch_size.observe(batch_size)

@@ -1,24 +1,14 @@
 """python -m server as a newcomer runs it: starts on the default model, serves, documents every flag."""
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server_process import ROOT, start_server
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -30,32 +20,19 @@ def post(url: str, body: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-GRPC_PORT = free_port()
+@pytest.fixture(scope="module")
+def server():
+    try:
+        process = start_server("--kv-cache-tokens", "4096")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield process
+    process.stop()
 
 
 @pytest.fixture(scope="module")
-def server_url():
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port), "--grpc-port", str(GRPC_PORT),
-                             "--kv-cache-tokens", "4096"],
-                            cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stdout.read().decode()}")
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("server did not become healthy in 120 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+def server_url(server):
+    return server.url
 
 
 def test_serves_the_default_model(server_url):
@@ -68,7 +45,7 @@ def test_serves_the_default_model(server_url):
     assert again["token_ids"] == body["token_ids"]
 
 
-def test_openai_client_and_grpc_against_the_real_process(server_url):
+def test_openai_client_and_grpc_against_the_real_process(server, server_url):
     import grpc
     import openai
 
@@ -82,7 +59,7 @@ def test_openai_client_and_grpc_against_the_real_process(server_url):
     chunks = list(client.chat.completions.create(model="lmserve-default", messages=[{"role": "user", "content": "Hi"}],
                                                  max_tokens=4, stream=True, stream_options={"include_usage": True}))
     assert completion.usage.completion_tokens == 6 and chunks[-1].usage.completion_tokens <= 4
-    with grpc.insecure_channel(f"127.0.0.1:{GRPC_PORT}") as channel:
+    with grpc.insecure_channel(server.grpc_target) as channel:
         result = pb_grpc.InferenceStub(channel).GenerateUnary(pb.GenerateRequest(
             text="Hello", sampling=pb.SamplingParameters(max_tokens=6, temperature=0, ignore_eos=True)))
     assert result.text == completion.choices[0].text  # one engine behind both frontends
