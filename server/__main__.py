@@ -16,7 +16,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m server", description="lmserve: serve a Llama-family model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="Hugging Face checkpoint directory (safetensors); default: the embedded tiny model, built on first run")
+                   help="Hugging Face checkpoint directory (safetensors), or random:NAME (a real model's shapes with random "
+                        "weights made on the device, for benchmarks: NAME one of llama-2-7b, llama-2-13b, "
+                        "llama-3-8b, tiny); default: the embedded tiny model, built on first run")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port")

@@ -28,6 +28,7 @@ from server.model_runner import ModelRunner
 from server.outputs import RequestOutput, StopStringMatcher
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.sequence import FinishReason, Sequence, SequenceStatus
+from server.synthetic_model import is_synthetic, synthetic_dir
 from server.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,13 @@ class AsyncEngine:
         if config.model is None:
             from server.default_model import ensure_default_model
             self.model_path = str(ensure_default_model())
+        elif is_synthetic(config.model):
+            self.model_path = str(synthetic_dir(config.model))
         else:
             self.model_path = config.model
-        self.model_name = config.served_model_name or (Path(config.model).resolve().name if config.model
-                                                       else "lmserve-default")
+        self.model_name = config.served_model_name or (
+            "lmserve-default" if config.model is None else config.model if is_synthetic(config.model)
+            else Path(config.model).resolve().name)
         hf_config = load_hf_config(self.model_path)
         self.device = _resolve_device(config.device)
         if self.device.type == "cpu":

@@ -16,6 +16,7 @@ from server.layers.ops import select_ops
 from server.models.llama import LlamaForCausalLM
 from server.models.model_config import ModelConfig
 from server.quantization.config import gptq_config_in, resolve_quant
+from server.synthetic_model import is_synthetic_dir, synthetic_tensor
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,28 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                               for p, _ in m.named_parameters(recurse=False) if p != "bias"}
     expected |= {f"{name}.weight" for name in float_fed}
     expected -= {n for n in params if n.endswith(".g_idx")}  # optional: a missing g_idx is the plain grouping
+    if is_synthetic_dir(path):
+        loaded = _fill_synthetic(expected, params, float_fed, dtype, device)
+    else:
+        loaded = _read_checkpoint(path, cfg, params, float_fed, quant_config)
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = sorted(expected - loaded - tied)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    for module in model.modules():
+        if hasattr(module, "finish_loading"):
+            module.finish_loading()
+    model.weight_bytes = weight_bytes(model)
+    model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
+                                    if name.endswith("_proj") and "." in name)
+    log.info("loaded %s from %s (%d tensors, %s, %s kernels): weights %.1f MiB, of which linear layers %.1f MiB",
+             cfg.architecture, path, len(loaded), quant_config.method if quant_config else "no quantization",
+             linear.ops.name, model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20)
+    return model.eval()
+
+
+def _read_checkpoint(path: Path, cfg: ModelConfig, params: dict, float_fed: dict, quant_config) -> set[str]:
+    """Copy every tensor of the checkpoint's safetensors files into its parameter; returns the names loaded."""
     loaded = set()
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -100,20 +123,21 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                         f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
                 param.data.copy_(tensor)
                 loaded.add(name)
-    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    missing = sorted(expected - loaded - tied)
-    if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-    for module in model.modules():
-        if hasattr(module, "finish_loading"):
-            module.finish_loading()
-    model.weight_bytes = weight_bytes(model)
-    model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
-                                    if name.endswith("_proj") and "." in name)
-    log.info("loaded %s from %s (%d tensors, %s, %s kernels): weights %.1f MiB, of which linear layers %.1f MiB",
-             cfg.architecture, path, len(loaded), quant_config.method if quant_config else "no quantization",
-             linear.ops.name, model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20)
-    return model.eval()
+    return loaded
+
+
+def _fill_synthetic(expected: set[str], params: dict, float_fed: dict, dtype: torch.dtype,
+                    device: torch.device) -> set[str]:
+    """random:NAME (server/synthetic_model.py): every expected tensor drawn on the device, quantized layers
+    through their float weight as a checkpoint's would be."""
+    for name in expected:
+        module_name, _, leaf = name.rpartition(".")
+        if leaf == "weight" and module_name in float_fed:
+            m = float_fed[module_name]
+            m.load_float_weight(synthetic_tensor(name, (m.out_features, m.in_features), dtype, device))
+        elif name in params:
+            params[name].data.copy_(synthetic_tensor(name, params[name].shape, params[name].dtype, device))
+    return set(expected)
 
 
 def _is_zero(t: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops):
         super().__init__()
         self.ops = ops
+        self.in_features, self.out_features = in_features, out_features
         self.weight = _param(out_features, in_features, dtype=torch.int8)
         self.scales = _param(out_features, dtype=torch.float32)
         self.bias = _param(out_features) if bias else None
@@ -54,6 +55,7 @@ class GPTQLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops, quant: QuantConfig):
         super().__init__()
+        self.in_features, self.out_features = in_features, out_features
         pack = 32 // quant.bits
         if in_features % pack or out_features % pack:
             raise ValueError(f"{quant.bits}-bit GPTQ needs in and out features divisible by {pack}; "

@@ -13,7 +13,7 @@ import pytest
 from bench.load import LoadOptions, run_load
 from bench.report import histogram_quantile, percentile, server_delta, without_nan
 from bench.workload import Distribution, Workload, poisson_arrivals
-from tests.server_process import ROOT, start_server
+from bench.processes import ROOT, start_lmserve
 
 
 # --- the workload ---------------------------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_histogram_quantile_interpolates_like_prometheus():
 # --- against a real server ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(llama):
-    process = start_server("--model", llama, "--served-model-name", "tiny", "--max-model-len", "96",
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--max-model-len", "96",
                            "--kv-cache-tokens", "4096", "--max-wait-ms", "2")
     yield process
     process.stop()

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from tests.server_process import ROOT, start_server
+from bench.processes import ROOT, start_lmserve
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -23,7 +23,7 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def server():
     try:
-        process = start_server("--kv-cache-tokens", "4096")
+        process = start_lmserve("--kv-cache-tokens", "4096")
     except RuntimeError as e:
         pytest.fail(str(e))
     yield process

@@ -1,0 +1,56 @@
+"""Servers as child processes on loopback ports: started, waited for until /health answers, stopped."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    grpc_target: str | None = None
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start(module: str, *args: str, port: int, timeout: float = 600, **extra) -> ServerProcess:
+    """python -m module args, listening on port; returns once GET /health answers 200."""
+    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT,
+                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return ServerProcess(proc, url, **extra)
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"python -m {module} exited: {proc.stdout.read().decode()}") from None
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"python -m {module} did not become healthy in {timeout} s")
+
+
+def start_lmserve(*args: str, timeout: float = 600) -> ServerProcess:
+    grpc_port = free_port()
+    return start("server", "--grpc-port", str(grpc_port), *args, port=free_port(), timeout=timeout,
+                 grpc_target=f"127.0.0.1:{grpc_port}")
