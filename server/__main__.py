@@ -109,6 +109,9 @@ async def serve(args: argparse.Namespace):
 
 def main(argv=None):
     args = parse_args(argv)
+    # The step thread releases the GIL for every torch op and must win it back from the event loop after
+    # each; at Python's default 5 ms switch interval that hand-back dominates a loaded CPU step.
+    sys.setswitchinterval(0.001)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config(args)  # validate flags before loading anything

@@ -172,6 +172,13 @@ class OpenAIRoutes:
                 await queue.put((c, None))
         for c in choices:
             yield c, c.last
+        if len(choices) == 1:  # the common case: one engine stream, read directly
+            (c,), (stream,) = choices, streams
+            if not c.last.finished:
+                async for out in stream:
+                    c.add(out)
+                    yield c, out
+            return
         tasks = [asyncio.ensure_future(forward(c, s)) for c, s in zip(choices, streams)]
         try:
             remaining = len(tasks)
