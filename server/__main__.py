@@ -56,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=int, default=d.max_loras,
                    help="adapters resident on the device at once; the least recently used idle one is evicted")
     p.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank, help="the largest adapter rank accepted")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="refuse new requests (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED) while this many "
+                        "wait to start; default: no bound")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="end a request this many seconds after it arrived (HTTP 408 or an error event, gRPC "
+                        "DEADLINE_EXCEEDED) and free its KV blocks; default: no limit")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the requests that bring no seed of their own")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
@@ -69,7 +75,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, quant=args.quant,
         quant_group_size=args.quant_group_size, kernels=args.kernels, loras=_lora_flags(args.lora),
-        lora_dir=args.lora_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+        lora_dir=args.lora_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout)
 
 
 def _lora_flags(values: list[str]) -> list[tuple[str, str]]:

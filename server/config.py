@@ -29,6 +29,8 @@ class EngineConfig:
     lora_dir: str | None = None           # adapters in it load at start; runtime loads must come from inside it
     max_loras: int = 8                    # adapters resident on the device at once (least recently used evicted)
     max_lora_rank: int = 64               # the largest adapter rank accepted
+    max_queued_requests: int | None = None  # requests waiting to start past which new ones are refused (None: no bound)
+    request_timeout: float | None = None  # seconds a request may take from arrival to its end (None: no limit)
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:
@@ -44,6 +46,10 @@ class EngineConfig:
         _check_positive("max_batch_size", self.max_batch_size)
         _check_positive("max_loras", self.max_loras)
         _check_positive("max_lora_rank", self.max_lora_rank)
+        if self.max_queued_requests is not None:
+            _check_positive("max_queued_requests", self.max_queued_requests)
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive seconds; got {self.request_timeout}")
         names = [name for name, _ in self.loras]
         if len(set(names)) != len(names) or any(not n for n in names):
             raise ValueError(f"LoRA adapter names must be non-empty and distinct; got {', '.join(names)}")

@@ -46,6 +46,18 @@ class ModelNotFoundError(LookupError):
     """A request named a model or adapter this engine does not serve (404 / NOT_FOUND)."""
 
 
+class ServerBusyError(RuntimeError):
+    """--max-queued-requests are already waiting: refused at once (429 / RESOURCE_EXHAUSTED), retry later."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine ended this request before it finished (500 / INTERNAL); the message names it and says why."""
+
+
+class RequestTimeoutError(RequestFailedError):
+    """The request outlasted --request-timeout (408 / DEADLINE_EXCEEDED); its blocks are freed."""
+
+
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -115,6 +127,11 @@ class AsyncEngine:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         lora = self.resolve_adapter(adapter)
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
+        limit = self.config.max_queued_requests
+        if limit is not None and self.num_queued >= limit:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise ServerBusyError(f"the server is at capacity: {self.num_queued} requests are waiting to start "
+                                  f"(--max-queued-requests {limit}); retry later")
         seq.lora = lora
         req = _Request(seq, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
                                                                     seq.params.skip_special_tokens),
@@ -191,6 +208,10 @@ class AsyncEngine:
 
     def abort(self, request_id: str):
         """Ends the request now and frees its KV blocks; its stream gets a final 'abort' delta."""
+        self._end_early(request_id, None)
+
+    def _end_early(self, request_id: str, error: RequestFailedError | None):
+        """Finish a request as aborted and free its blocks; its stream gets error, or a final 'abort' delta."""
         req = self._requests.pop(request_id, None)
         if req is None:
             return
@@ -200,7 +221,21 @@ class AsyncEngine:
         else:
             self.scheduler.finish(seq, FinishReason.ABORT)
         self.metrics.on_finished(seq, time.monotonic())
-        req.queue.put_nowait(self._output(req, [], [] if seq.params.logprobs is not None else None, ""))
+        req.queue.put_nowait(error or self._output(req, [], [] if seq.params.logprobs is not None else None, ""))
+
+    @property
+    def num_queued(self) -> int:
+        """Requests accepted but not yet started: in the batcher or waiting in the scheduler."""
+        return len(self.batcher) + len(self.scheduler.waiting)
+
+    def _expire(self, now: float):
+        limit = self.config.request_timeout
+        for request_id, req in list(self._requests.items()):
+            if now - req.seq.arrival_time > limit:
+                self.metrics.rejected.labels("timeout").inc()
+                self._end_early(request_id, RequestTimeoutError(
+                    f"request {request_id} timed out after {limit:g} s (--request-timeout) with "
+                    f"{req.seq.num_output_tokens} tokens generated"))
 
     def _metrics_state(self) -> tuple[int, int, float, float, int, int]:
         bm = self.block_manager
@@ -271,13 +306,15 @@ class AsyncEngine:
             log.exception("engine step loop died")
             for request_id, req in list(self._requests.items()):
                 del self._requests[request_id]
-                req.queue.put_nowait(RuntimeError(f"the engine stopped: {exc}"))
+                req.queue.put_nowait(RequestFailedError(f"request {request_id} failed: the engine stopped: {exc}"))
             raise
 
     async def _run_steps(self):
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            if self.config.request_timeout is not None:
+                self._expire(time.monotonic())
             for seq in self.batcher.release():
                 self.scheduler.add(seq)
             if not self.scheduler.has_work():
@@ -350,7 +387,7 @@ class AsyncEngine:
             self.scheduler.finish(item.seq, FinishReason.ABORT)
             if req is not None:
                 self.metrics.on_finished(item.seq, time.monotonic())
-                req.queue.put_nowait(RuntimeError(f"request {item.seq.request_id} failed in the engine: {exc}"))
+                req.queue.put_nowait(RequestFailedError(f"request {item.seq.request_id} failed in the engine: {exc}"))
 
 
 def _resolve_device(device: str) -> torch.device:

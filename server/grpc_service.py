@@ -10,7 +10,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.engine import AsyncEngine, ModelNotFoundError
+from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
 from server.lora import LoRAError
@@ -85,12 +85,18 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ModelNotFoundError as e:  # unloaded between the check and the start
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except ServerBusyError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except RequestFailedError as e:
+            await context.abort(_failure_code(e), str(e))
         try:  # a cancelled call or expired deadline cancels us here; closing the stream aborts the request
             while True:
                 yield out
                 if out.finished:
                     return
                 out = await anext(stream)
+        except RequestFailedError as e:
+            await context.abort(_failure_code(e), str(e))
         finally:
             await stream.aclose()
 
@@ -152,3 +158,7 @@ async def start_grpc_server(engine: AsyncEngine, host: str, port: int) -> tuple[
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, health_servicer
+
+
+def _failure_code(e: RequestFailedError) -> grpc.StatusCode:
+    return grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(e, RequestTimeoutError) else grpc.StatusCode.INTERNAL

@@ -67,6 +67,10 @@ class EngineMetrics:
                                    ["state"], registry=r)
         self.preemptions = Counter("lmserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                    registry=r)
+        self.rejected = Counter("lmserve_requests_rejected",
+                                "Requests refused or ended by a limit: queue_full (--max-queued-requests, never "
+                                "started) or timeout (--request-timeout, ended early; also counted as finished "
+                                "with reason abort).", ["reason"], registry=r)
         self._by_model: dict[str, _ModelSeries] = {}
 
     def set_weight_bytes(self, total: int, linear: int):

@@ -17,10 +17,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.engine import AsyncEngine, ModelNotFoundError
+from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, ServerBusyError
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
-from server.http.protocol import ApiError, model_not_found
+from server.http.protocol import ApiError, engine_refusal
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
@@ -106,10 +106,8 @@ def build_app(engine: AsyncEngine) -> Starlette:
                 raise InvalidRequestError("model must be a string: the base model's or a LoRA adapter's name", "model")
             stream = engine.generate(prompt, params, body.get("request_id"), model)
             first = await anext(stream)  # validation errors surface here, before any byte is sent
-        except InvalidRequestError as e:
-            raise ApiError(400, str(e), e.param) from None
-        except ModelNotFoundError as e:
-            raise model_not_found(str(e)) from None
+        except (InvalidRequestError, ModelNotFoundError, ServerBusyError, RequestFailedError) as e:
+            raise engine_refusal(e) from None
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None
         if body.get("stream"):
@@ -126,7 +124,11 @@ def build_app(engine: AsyncEngine) -> Starlette:
         return await unload_lora_adapter(engine, await json_body(request))
 
     async def api_error(_: Request, exc: ApiError) -> Response:
-        return JSONResponse(exc.body(), exc.status)
+        return JSONResponse(exc.body(), exc.status, headers=exc.headers)
+
+    async def request_failed(_: Request, exc: RequestFailedError) -> Response:
+        """A request the engine ended (timed out, or failed alone) after it started, before a byte was sent."""
+        return await api_error(_, engine_refusal(exc))
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
@@ -154,7 +156,7 @@ def build_app(engine: AsyncEngine) -> Starlette:
         Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"]),
     ]
     return Starlette(routes=routes, exception_handlers={
-        ApiError: api_error, HTTPException: http_error, Exception: internal_error})
+        ApiError: api_error, RequestFailedError: request_failed, HTTPException: http_error, Exception: internal_error})
 
 
 async def _drain(first: RequestOutput, stream) -> list[RequestOutput]:

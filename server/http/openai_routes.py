@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from server.engine import AsyncEngine, ModelNotFoundError
-from server.http.protocol import ApiError, model_not_found, parse_chat, parse_completion
+from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError
+from server.http.protocol import ApiError, engine_refusal, model_not_found, parse_chat, parse_completion
 from server.outputs import RequestOutput
-from server.sampling import InvalidRequestError, SamplingParams
+from server.sampling import SamplingParams
 from server.tokenizer import encode_chat
 
 
@@ -139,10 +139,9 @@ class OpenAIRoutes:
         if errors:
             await asyncio.gather(*(s.aclose() for s in streams), return_exceptions=True)
             e = errors[0]
-            if isinstance(e, InvalidRequestError):
-                raise ApiError(400, str(e), e.param) from None
-            if isinstance(e, ModelNotFoundError):  # unloaded between the check and the start
-                raise model_not_found(str(e)) from None
+            refusal = engine_refusal(e)   # bad input, unknown (or just unloaded) model, a full queue, ...
+            if refusal is not None:
+                raise refusal from None
             raise e
         for c, first in zip(choices, firsts):
             c.add(first)
@@ -266,8 +265,11 @@ def sse_response(chunks, streams) -> StreamingResponse:
     """Server-sent events of the JSON chunks, then [DONE]; closing early closes the engine streams (abort)."""
     async def events():
         try:
-            async for chunk in chunks:
-                yield f"data: {json.dumps(chunk)}\n\n"
+            try:
+                async for chunk in chunks:
+                    yield f"data: {json.dumps(chunk)}\n\n"
+            except RequestFailedError as e:  # the headers are sent: the error goes in the stream, as OpenAI's do
+                yield f"data: {json.dumps(engine_refusal(e).body())}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # a disconnected client lands here: closing the engine streams aborts their requests
             await chunks.aclose()

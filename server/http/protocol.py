@@ -1,9 +1,10 @@
 """OpenAI protocol: parse and validate /v1/completions and /v1/chat/completions bodies into engine inputs.
 
-Every mistake raises ApiError naming the field and what is allowed; nothing here touches the engine.
+Every mistake raises ApiError naming the field and what is allowed; nothing here calls the engine.
 """
 from dataclasses import dataclass
 
+from server.engine import ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError
 from server.sampling import InvalidRequestError, SamplingParams
 
 MAX_N = 16
@@ -12,9 +13,10 @@ MAX_STOP_STRINGS = 16
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -23,6 +25,21 @@ class ApiError(Exception):
 def model_not_found(message: str, param: str = "model") -> ApiError:
     """404 for a model or adapter this server does not serve, as OpenAI answers it."""
     return ApiError(404, message, param, "NotFoundError", "model_not_found")
+
+
+def engine_refusal(e: Exception) -> ApiError | None:
+    """The HTTP error for an exception the engine raises about one request; None for anything else."""
+    if isinstance(e, InvalidRequestError):
+        return ApiError(400, str(e), e.param)
+    if isinstance(e, ModelNotFoundError):
+        return model_not_found(str(e))
+    if isinstance(e, ServerBusyError):
+        return ApiError(429, str(e), type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+    if isinstance(e, RequestTimeoutError):
+        return ApiError(408, str(e), type_="timeout_error", code="request_timeout")
+    if isinstance(e, RequestFailedError):
+        return ApiError(500, str(e), type_="internal_error", code="request_failed")
+    return None
 
 
 @dataclass
