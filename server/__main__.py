@@ -1,7 +1,9 @@
 """python -m server: parse flags, build ONE engine, serve it over HTTP and gRPC on one uvloop event loop."""
 import argparse
 import asyncio
+import contextlib
 import logging
+import signal
 import sys
 
 from server.config import DTYPES, EngineConfig
@@ -62,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=None,
                    help="end a request this many seconds after it arrived (HTTP 408 or an error event, gRPC "
                         "DEADLINE_EXCEEDED) and free its KV blocks; default: no limit")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM / SIGINT: seconds to let requests in flight finish (health 503, new requests "
+                        "refused) before the rest are aborted and the process exits 0")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the requests that bring no seed of their own")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
@@ -92,6 +97,13 @@ def _lora_flags(values: list[str]) -> list[tuple[str, str]]:
 async def serve(args: argparse.Namespace):
     import uvicorn
 
+    class DrainingServer(uvicorn.Server):
+        """uvicorn minus its own signal handling: on a signal the engine drains first, then should_exit is set."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
     from server.engine import AsyncEngine
     from server.grpc_service import start_grpc_server
     from server.http.app import build_app
@@ -102,10 +114,28 @@ async def serve(args: argparse.Namespace):
         raise SystemExit(f"error: {e}") from None
     config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config)
     grpc_server, grpc_health = await start_grpc_server(engine, args.host, args.grpc_port)
     log.info("lmserve serving %s as %r on http://%s:%d and grpc %s:%d", engine.model_path, engine.model_name,
              args.host, args.port, args.host, args.grpc_port)
+
+    async def drain(sig: signal.Signals):
+        log.info("%s: draining (new requests refused, health 503); in flight: %d", sig.name, engine.num_in_flight)
+        engine.start_draining()
+        await grpc_health.enter_graceful_shutdown()
+        if not await engine.wait_until_idle(args.shutdown_timeout):
+            log.warning("--shutdown-timeout %g s passed: aborting %d requests", args.shutdown_timeout,
+                        engine.num_in_flight)
+        server.should_exit = True
+
+    def on_signal(sig: signal.Signals):
+        if engine.draining:  # a second signal: stop now
+            server.should_exit = server.force_exit = True
+        else:
+            asyncio.get_running_loop().create_task(drain(sig))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig)
     try:
         await server.serve()
     finally:

@@ -50,6 +50,10 @@ class ServerBusyError(RuntimeError):
     """--max-queued-requests are already waiting: refused at once (429 / RESOURCE_EXHAUSTED), retry later."""
 
 
+class ShuttingDownError(RuntimeError):
+    """The server is draining for shutdown and takes no new requests (503 / UNAVAILABLE)."""
+
+
 class RequestFailedError(RuntimeError):
     """The engine ended this request before it finished (500 / INTERNAL); the message names it and says why."""
 
@@ -115,6 +119,7 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.num_steps = 0
+        self.draining = False
 
     # --- the frontend's interface --------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -127,6 +132,8 @@ class AsyncEngine:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         lora = self.resolve_adapter(adapter)
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down and takes no new requests")
         limit = self.config.max_queued_requests
         if limit is not None and self.num_queued >= limit:
             self.metrics.rejected.labels("queue_full").inc()
@@ -224,6 +231,10 @@ class AsyncEngine:
         req.queue.put_nowait(error or self._output(req, [], [] if seq.params.logprobs is not None else None, ""))
 
     @property
+    def num_in_flight(self) -> int:
+        return len(self._requests)
+
+    @property
     def num_queued(self) -> int:
         """Requests accepted but not yet started: in the batcher or waiting in the scheduler."""
         return len(self.batcher) + len(self.scheduler.waiting)
@@ -244,7 +255,18 @@ class AsyncEngine:
                 len(self.adapters), len(self.lora_pool.resident))
 
     def health(self) -> bool:
-        return self._loop_task is None or not self._loop_task.done()
+        return not self.draining and (self._loop_task is None or not self._loop_task.done())
+
+    def start_draining(self):
+        """Refuse new requests from now on (health turns false); the ones in flight go on."""
+        self.draining = True
+
+    async def wait_until_idle(self, timeout: float) -> bool:
+        """True once no request is in flight; False if some still are after timeout seconds."""
+        deadline = time.monotonic() + timeout
+        while self._requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self._requests
 
     async def shutdown(self):
         for request_id in list(self._requests):

@@ -10,7 +10,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError
+from server.engine import (AsyncEngine, ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError,
+                           ShuttingDownError)
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
 from server.lora import LoRAError
@@ -87,6 +88,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except ServerBusyError as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except ShuttingDownError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except RequestFailedError as e:
             await context.abort(_failure_code(e), str(e))
         try:  # a cancelled call or expired deadline cancels us here; closing the stream aborts the request

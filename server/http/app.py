@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, ServerBusyError
+from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, ServerBusyError, ShuttingDownError
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
 from server.http.protocol import ApiError, engine_refusal
@@ -106,7 +106,7 @@ def build_app(engine: AsyncEngine) -> Starlette:
                 raise InvalidRequestError("model must be a string: the base model's or a LoRA adapter's name", "model")
             stream = engine.generate(prompt, params, body.get("request_id"), model)
             first = await anext(stream)  # validation errors surface here, before any byte is sent
-        except (InvalidRequestError, ModelNotFoundError, ServerBusyError, RequestFailedError) as e:
+        except (InvalidRequestError, ModelNotFoundError, ServerBusyError, ShuttingDownError, RequestFailedError) as e:
             raise engine_refusal(e) from None
         except (TypeError, ValueError) as e:
             raise ApiError(400, str(e)) from None

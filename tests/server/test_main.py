@@ -1,11 +1,14 @@
 """python -m server as a newcomer runs it: starts on the default model, serves, documents every flag."""
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
+import httpx
 import pytest
 
 from bench.processes import ROOT, start_lmserve
@@ -114,3 +117,23 @@ def test_a_checkpoint_the_server_cannot_load_exits_with_a_message(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path} is not a Hugging Face checkpoint directory: config.json not found"
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_drains_streams_in_flight_then_exits_zero(llama):
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "4096",
+                            "--shutdown-timeout", "60")
+    body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", process.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        process.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while httpx.get(process.url + "/health").status_code != 503:
+            assert time.monotonic() < deadline, "health did not turn 503"
+        refused = httpx.post(process.url + "/v1/completions", json=body | {"stream": False, "max_tokens": 2})
+        events = [first] + [line for line in lines if line.startswith("data: ")]
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert len(chunks) == 500 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert process.proc.wait(timeout=30) == 0
