@@ -64,6 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=None,
                    help="end a request this many seconds after it arrived (HTTP 408 or an error event, gRPC "
                         "DEADLINE_EXCEEDED) and free its KV blocks; default: no limit")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="require `Authorization: Bearer KEY` (gRPC metadata `authorization`) on every call but the "
+                        "health checks (repeatable); these keys have the admin role and no rate limit")
+    p.add_argument("--api-keys-file", default=None, metavar="FILE",
+                   help="more keys, one per line: `KEY ROLE [REQUESTS_PER_MINUTE]` with ROLE user or admin "
+                        "(admin may load and unload adapters); SIGHUP re-reads it (a removed key is revoked)")
+    p.add_argument("--audit-log", default=None, metavar="FILE",
+                   help="append JSON lines of auth failures, rate-limit hits and adapter loads/unloads "
+                        "(time, key id, client, action, outcome); keys appear only as a hash")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM / SIGINT: seconds to let requests in flight finish (health 503, new requests "
                         "refused) before the rest are aborted and the process exits 0")
@@ -104,18 +113,22 @@ async def serve(args: argparse.Namespace):
         def capture_signals(self):
             yield
 
+    from server.auth import build_access
     from server.engine import AsyncEngine
     from server.grpc_service import start_grpc_server
     from server.http.app import build_app
 
     try:
+        access = build_access(args.api_key, args.api_keys_file, args.audit_log)
         engine = AsyncEngine(engine_config(args))
-    except (ValueError, OSError) as e:  # a bad checkpoint, quantization or kernel choice: say what, no traceback
+    except (ValueError, OSError) as e:  # a bad checkpoint, quantization, kernel choice or keys file: say what
         raise SystemExit(f"error: {e}") from None
-    config = uvicorn.Config(build_app(engine), host=args.host, port=args.port, log_level=args.log_level,
+    if access.enabled:
+        log.info("API keys required (%s)", ", ".join(f"{k.id} {k.role}" for k in access.keys))
+    config = uvicorn.Config(build_app(engine, access), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = DrainingServer(config)
-    grpc_server, grpc_health = await start_grpc_server(engine, args.host, args.grpc_port)
+    grpc_server, grpc_health = await start_grpc_server(engine, args.host, args.grpc_port, access)
     log.info("lmserve serving %s as %r on http://%s:%d and grpc %s:%d", engine.model_path, engine.model_name,
              args.host, args.port, args.host, args.grpc_port)
 
@@ -134,8 +147,16 @@ async def serve(args: argparse.Namespace):
         else:
             asyncio.get_running_loop().create_task(drain(sig))
 
+    def reload_keys():
+        try:
+            access.reload()
+            log.info("SIGHUP: API keys re-read (%d keys)", len(access.keys))
+        except ValueError as e:
+            log.error("SIGHUP: the keys file is not valid, the old keys stay: %s", e)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_keys)
     try:
         await server.serve()
     finally:

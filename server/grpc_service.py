@@ -10,8 +10,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from server.auth import AccessControl
 from server.engine import (AsyncEngine, ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError,
                            ShuttingDownError)
+from server.grpc_access import AccessInterceptor
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
 from server.lora import LoRAError
@@ -147,8 +149,10 @@ def _final(out: RequestOutput) -> pb.GenerateFinal:
     return final
 
 
-async def start_grpc_server(engine: AsyncEngine, host: str, port: int) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    server = grpc.aio.server()
+async def start_grpc_server(engine: AsyncEngine, host: str, port: int, access: AccessControl | None = None
+                            ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
+    server = grpc.aio.server(interceptors=[AccessInterceptor(access)] if access is not None and access.enabled else [])
     pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -13,11 +13,14 @@ import time
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, ServerBusyError, ShuttingDownError
+from server.auth import AccessControl
+from server.http.access import AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
 from server.http.protocol import ApiError, engine_refusal
@@ -45,7 +48,8 @@ async def json_body(request: Request) -> dict:
     return body
 
 
-def build_app(engine: AsyncEngine) -> Starlette:
+def build_app(engine: AsyncEngine, access: AccessControl | None = None) -> Starlette:
+    """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
     model_name = engine.model_name
     openai = OpenAIRoutes(engine, model_name)
     created = int(time.time())
@@ -155,7 +159,8 @@ def build_app(engine: AsyncEngine) -> Starlette:
         Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
         Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={
+    middleware = [Middleware(AccessMiddleware, access=access)] if access is not None and access.enabled else []
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={
         ApiError: api_error, RequestFailedError: request_failed, HTTPException: http_error, Exception: internal_error})
 
 

@@ -17,19 +17,20 @@ MODEL_NAME = "tiny-llama"
 
 
 class LiveServer:
-    def __init__(self, model_path: str, **engine_kwargs):
+    def __init__(self, model_path: str, access=None, **engine_kwargs):
         self.engine = AsyncEngine(EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1,
                                                **engine_kwargs))
         self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
-        config = uvicorn.Config(build_app(self.engine), host="127.0.0.1", port=self.port,
+        self.access = access
+        config = uvicorn.Config(build_app(self.engine, access), host="127.0.0.1", port=self.port,
                                 log_level="warning", loop="asyncio")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
 
     async def _serve(self):
-        grpc_server, _ = await start_grpc_server(self.engine, "127.0.0.1", self.grpc_port)
+        grpc_server, _ = await start_grpc_server(self.engine, "127.0.0.1", self.grpc_port, self.access)
         try:
             await self.server.serve()
         finally:

@@ -1,0 +1,47 @@
+"""The HTTP side of server/auth.py: an ASGI middleware that checks each call's API key before any route runs."""
+import math
+
+from starlette.responses import JSONResponse
+
+from server.auth import AccessControl
+from server.http.protocol import ApiError
+
+OPEN_PATHS = {"/health"}
+ADMIN_ACTIONS = {"/v1/load_lora_adapter": "adapter_load", "/v1/unload_lora_adapter": "adapter_unload"}
+_REFUSALS = {"unauthenticated": (401, "invalid_request_error", "invalid_api_key"),
+             "forbidden": (403, "permission_error", "insufficient_role"),
+             "rate_limited": (429, "rate_limit_error", "rate_limit_exceeded")}
+
+
+class AccessMiddleware:
+    def __init__(self, app, access: AccessControl):
+        self.app, self.access = app, access
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not self.access.enabled or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else None
+        action = ADMIN_ACTIONS.get(path)
+        decision = self.access.check(authorization, action is not None, f"{scope['method']} {path}", client)
+        if decision.status != "ok":
+            status, type_, code = _REFUSALS[decision.status]
+            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+            if decision.retry_after:
+                headers["Retry-After"] = str(math.ceil(decision.retry_after))
+            response = JSONResponse(ApiError(status, decision.message, type_=type_, code=code).body(), status,
+                                    headers=headers)
+            return await response(scope, receive, send)
+        if action is None:
+            return await self.app(scope, receive, send)
+        status = []
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.access.audit.record(action, str(status[0]) if status else "error", decision.key.id, client)
