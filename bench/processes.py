@@ -33,8 +33,13 @@ class ServerProcess:
 
 def start(module: str, *args: str, port: int, timeout: float = 600, **extra) -> ServerProcess:
     """python -m module args, listening on port; returns once GET /health answers 200."""
-    proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args], cwd=ROOT,
-                            env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return launch([sys.executable, "-m", module, "--port", str(port), *args], port, timeout, **extra)
+
+
+def launch(argv: list[str], port: int, timeout: float = 600, **extra) -> ServerProcess:
+    """Run argv (a server that listens on port); returns once GET /health answers 200."""
+    name = " ".join(argv[1:3])
+    proc = subprocess.Popen(argv, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -44,10 +49,10 @@ def start(module: str, *args: str, port: int, timeout: float = 600, **extra) -> 
                     return ServerProcess(proc, url, **extra)
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"python -m {module} exited: {proc.stdout.read().decode()}") from None
+                raise RuntimeError(f"{name} exited: {proc.stdout.read().decode()}") from None
             time.sleep(0.2)
     proc.kill()
-    raise RuntimeError(f"python -m {module} did not become healthy in {timeout} s")
+    raise RuntimeError(f"{name} did not become healthy in {timeout} s")
 
 
 def start_lmserve(*args: str, timeout: float = 600) -> ServerProcess:

@@ -154,6 +154,10 @@ async def serve(args: argparse.Namespace):
         except ValueError as e:
             log.error("SIGHUP: the keys file is not valid, the old keys stay: %s", e)
 
+    def on_engine_death(exc: BaseException):
+        server.should_exit = True   # health is 503 already; a supervisor restarts us on the non-zero exit
+
+    engine.on_loop_death = on_engine_death
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, on_signal, sig)
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_keys)
@@ -163,6 +167,8 @@ async def serve(args: argparse.Namespace):
         await grpc_health.enter_graceful_shutdown()
         await grpc_server.stop(grace=5)
         await engine.shutdown()
+    if engine.failure is not None:
+        raise SystemExit(f"error: the engine step loop died: {engine.failure!r}")
 
 
 def main(argv=None):

@@ -96,7 +96,9 @@ class AsyncEngine:
         num_blocks = size_kv_cache(per_token, config.block_size, self.device, config.kv_cache_tokens,
                                    config.kv_cache_memory_fraction, config.max_batch_size * self.max_model_len)
         self.kv_cache_tokens = num_blocks * config.block_size
-        kv_caches = [torch.zeros(2, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+        # One block more than the BlockManager hands out: block tables are padded with it (ModelRunner), so
+        # padding never reads a block another sequence writes (whose NaN would spread through 0 * NaN).
+        kv_caches = [torch.zeros(2, num_blocks + 1, config.block_size, mc.num_kv_heads, mc.head_dim,
                                  dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
                  per_token * self.kv_cache_tokens / 2**20)
@@ -120,6 +122,8 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
         self.num_steps = 0
         self.draining = False
+        self.failure: BaseException | None = None    # why the step loop died, once it has
+        self.on_loop_death = None                    # called with that exception (the server exits non-zero)
 
     # --- the frontend's interface --------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -132,8 +136,9 @@ class AsyncEngine:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         lora = self.resolve_adapter(adapter)
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
-        if self.draining:
-            raise ShuttingDownError("the server is shutting down and takes no new requests")
+        if self.draining or self.failure is not None:
+            raise ShuttingDownError("the server is shutting down and takes no new requests"
+                                    + (f" (the engine stopped: {self.failure})" if self.failure else ""))
         limit = self.config.max_queued_requests
         if limit is not None and self.num_queued >= limit:
             self.metrics.rejected.labels("queue_full").inc()
@@ -230,6 +235,13 @@ class AsyncEngine:
         self.metrics.on_finished(seq, time.monotonic())
         req.queue.put_nowait(error or self._output(req, [], [] if seq.params.logprobs is not None else None, ""))
 
+    def _clear_blocks(self, seq: Sequence):
+        blocks = self.block_manager.forget_exclusive_blocks(seq)
+        if blocks:
+            index = torch.tensor(blocks, device=self.device)
+            for cache in self.runner.kv_caches:
+                cache.index_fill_(1, index, 0)
+
     @property
     def num_in_flight(self) -> int:
         return len(self._requests)
@@ -271,7 +283,7 @@ class AsyncEngine:
     async def shutdown(self):
         for request_id in list(self._requests):
             self.abort(request_id)
-        if self._loop_task is not None:
+        if self._loop_task is not None and not self._loop_task.done():
             self._loop_task.cancel()
             try:
                 await self._loop_task
@@ -326,6 +338,9 @@ class AsyncEngine:
             raise
         except BaseException as exc:  # the loop itself died: nobody may wait on it forever
             log.exception("engine step loop died")
+            self.failure = exc
+            if self.on_loop_death is not None:
+                self.on_loop_death(exc)
             for request_id, req in list(self._requests.items()):
                 del self._requests[request_id]
                 req.queue.put_nowait(RequestFailedError(f"request {request_id} failed: the engine stopped: {exc}"))
@@ -363,6 +378,9 @@ class AsyncEngine:
                 self._fail(out, exc)
                 continue
             self.num_steps += 1
+            for seq, reason in result.failed.items():
+                self._clear_blocks(seq)   # NaN / inf in its cache blocks would spread to their next owner
+                self._end_early(seq.request_id, RequestFailedError(f"request {seq.request_id} failed: {reason}"))
             for seq, scored in result.prompt_logprobs.items():
                 seq.prompt_logprobs.extend(scored)
             for seq in self.scheduler.update(out, result.sampled, self.eos_token_ids):
@@ -375,7 +393,13 @@ class AsyncEngine:
         now = time.monotonic()
         self.metrics.on_token(seq, now, seq.last_token_time)
         seq.last_token_time = now
-        req.detokenizer.step([token.token_id])
+        try:
+            req.detokenizer.step([token.token_id])
+        except Exception as e:  # this request's text cannot be made: it fails, the others go on
+            log.exception("detokenizing request %s failed", seq.request_id)
+            self._end_early(seq.request_id, RequestFailedError(
+                f"request {seq.request_id} failed: detokenizing token {token.token_id}: {type(e).__name__}: {e}"))
+            return
         text = req.stop_matcher.feed(req.detokenizer.text, final=seq.is_finished)
         if req.stop_matcher.matched is not None and not seq.is_finished:
             self.scheduler.finish(seq, FinishReason.STOP)

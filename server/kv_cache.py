@@ -132,6 +132,17 @@ class BlockManager:
                 self.cached.setdefault(block.hash, block)
             seq.num_registered_blocks = i + 1
 
+    def forget_exclusive_blocks(self, seq: Sequence) -> list[int]:
+        """The blocks only seq holds, taken out of the prefix cache: their contents must never be read again
+        (the caller clears them before they are freed)."""
+        ids = [b for b in seq.block_table if self.blocks[b].ref_count == 1]
+        for block_id in ids:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.cached.get(block.hash) is block:
+                del self.cached[block.hash]
+            block.hash, block.token_ids = None, ()
+        return ids
+
     def free_sequence(self, seq: Sequence):
         # Tail blocks go to the LRU end first, so a prefix's head outlives its tail; unhashed blocks are reused first.
         for block_id in reversed(seq.block_table):

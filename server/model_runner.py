@@ -30,6 +30,7 @@ class PreparedBatch:
 class StepResult:
     sampled: dict[Sequence, SampledToken]
     prompt_logprobs: dict[Sequence, list[SampledToken]]
+    failed: dict[Sequence, str]      # rows that could not be sampled, and why; the rest of the batch goes on
 
 
 class ModelRunner:
@@ -38,6 +39,8 @@ class ModelRunner:
         self.model = model
         self.lora_pool = lora_pool
         self.kv_caches = kv_caches       # per layer: [2, num_blocks, block_size, Hkv, Dh]
+        # Block tables are padded with the cache's last block, which the engine never hands out (all zeros).
+        self.pad_block = kv_caches[0].shape[1] - 1
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
@@ -81,9 +84,10 @@ class ModelRunner:
             lora_slots=self._tensor(lora_slots) if any(s >= 0 for s in lora_slots) else None)
 
     def _group(self, tokens: slice, seqs: list[Sequence], query_positions: list[list[int]]) -> AttentionGroup:
-        # Each row's blocks up to its last query, padded with block 0 (masked) to the group's longest.
+        # Each row's blocks up to its last query, padded with the padding block (masked) to the group's longest.
         num_blocks = -(-(max(q[-1] for q in query_positions) + 1) // self.block_size)
-        tables = [s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table[:num_blocks])) for s in seqs]
+        tables = [s.block_table[:num_blocks] + [self.pad_block] * (num_blocks - len(s.block_table[:num_blocks]))
+                  for s in seqs]
         return AttentionGroup(tokens, self._tensor(tables), self._tensor(query_positions))
 
     def _tensor(self, data) -> torch.Tensor:
@@ -99,12 +103,34 @@ class ModelRunner:
             lora = self.lora_pool
             lora.token_slots = batch.lora_slots   # read by every projection of this forward, in this thread only
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora)
-        sampled = {}
+        sampled, failed = {}, {}
         if batch.sample_seqs:
             logits = self.model.compute_logits(hidden[batch.sample_indices])
-            sampled = dict(zip(batch.sample_seqs, sample(logits, batch.sampler_rows)))
+            sampled, failed = sample_isolating_failures(logits, batch.sample_seqs, batch.sampler_rows)
         prompt_logprobs = {
             seq: token_logprobs(self.model.compute_logits(hidden[rows]), targets,
                                 [seq.params.prompt_logprobs] * len(targets))
             for seq, rows, targets in batch.prompt_scoring}
-        return StepResult(sampled, prompt_logprobs)
+        return StepResult(sampled, prompt_logprobs, failed)
+
+
+def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplerRow]
+                              ) -> tuple[dict[Sequence, SampledToken], dict[Sequence, str]]:
+    """Sample every row at once; a row whose logits are not finite, or whose sampling raises, fails alone."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    try:
+        sampled = dict(zip(seqs, sample(logits, rows)))
+    except Exception:  # find the row(s) that raise, one at a time
+        sampled, failed = {}, {}
+        for i, (seq, row) in enumerate(zip(seqs, rows)):
+            try:
+                sampled[seq] = sample(logits[i:i + 1], [row])[0]
+            except Exception as e:
+                failed[seq] = f"sampling failed: {type(e).__name__}: {e}"
+    else:
+        failed = {}
+    for seq, ok in zip(seqs, finite.tolist()):   # the device is in sync already: sample read its tokens
+        if not ok:
+            sampled.pop(seq, None)
+            failed[seq] = "the model's logits are NaN or infinite"
+    return sampled, failed

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 @dataclass
 class AttentionGroup:
     tokens: slice | torch.Tensor  # rows of the flat batch this group owns: a slice, or [B, Q] row indices (-1: padding)
-    block_tables: torch.Tensor    # [B, MB] cache blocks holding each row's keys (padding points at block 0, masked)
+    block_tables: torch.Tensor    # [B, MB] cache blocks holding each row's keys (padding: a never-written block, masked)
     query_positions: torch.Tensor  # [B, Q] position of every query
     _masks: dict = field(default_factory=dict)
 

@@ -85,3 +85,15 @@ def test_cache_sizing():
     assert size_kv_cache(per_token, 16, torch.device("cpu"), 100, None, 10**6) == 6
     blocks = size_kv_cache(per_token, 16, torch.device("cpu"), None, 0.2, max_useful_tokens=320)
     assert blocks == 20  # capped at what every seat at full length could use
+
+
+def test_forgetting_a_sequences_own_blocks_keeps_shared_ones_cached():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    a, b = seq(list(range(9)) + [100], "a"), seq(list(range(9)) + [200], "b")
+    admit(bm, a)
+    admit(bm, b)
+    assert bm.forget_exclusive_blocks(b) == b.block_table[2:]          # the shared prefix is a's too
+    bm.free_sequence(b)
+    again = seq(list(range(9)) + [200], "c")
+    assert bm.find_prefix(again).num_blocks == 2                     # the shared blocks still hit
+    assert all(bm.blocks[i].hash is not None for i in a.block_table[:2])

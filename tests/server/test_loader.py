@@ -20,7 +20,7 @@ def test_logits_match_hf_for_a_full_prompt(checkpoints, hf_reference, arch):
 
     model = load_model(checkpoints[arch], torch.float32, torch.device("cpu"), 512)
     cfg = model.config
-    caches = [torch.zeros(2, 16, 16, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]
+    caches = [torch.zeros(2, 17, 16, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]  # + padding
     runner = ModelRunner(model, caches, 16, torch.device("cpu"), (1,))
     prompt = random_prompts(1, [60], seed=11)[0]          # longer than mistral's 24-token window
     s = Sequence("x", prompt, SamplingParams(), torch.Generator(), 4)

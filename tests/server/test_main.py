@@ -11,7 +11,7 @@ import urllib.request
 import httpx
 import pytest
 
-from bench.processes import ROOT, start_lmserve
+from bench.processes import ROOT, free_port, launch, start_lmserve
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -137,3 +137,34 @@ def test_sigterm_drains_streams_in_flight_then_exits_zero(llama):
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert len(chunks) == 500 and chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert process.proc.wait(timeout=30) == 0
+
+
+BROKEN_SCHEDULER = """
+import sys
+from batching.scheduler import Scheduler
+real, calls = Scheduler.schedule, []
+def schedule(self):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("a scheduler bug")
+    return real(self)
+Scheduler.schedule = schedule
+from server.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_dead_step_loop_fails_waiting_requests_and_exits_non_zero(llama):
+    port = free_port()
+    process = launch([sys.executable, "-c", BROKEN_SCHEDULER, "--port", str(port), "--grpc-port", str(free_port()),
+                      "--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "4096"], port, 120)
+    r = httpx.post(process.url + "/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 20},
+                   timeout=30)
+    assert r.status_code == 500 and "a scheduler bug" in r.json()["error"]["message"]
+    try:
+        after = httpx.get(process.url + "/health", timeout=5).status_code
+    except httpx.TransportError:
+        after = "gone"
+    assert after in (503, "gone")
+    assert process.proc.wait(timeout=30) == 1
+    assert "engine step loop died" in process.proc.stdout.read().decode()
