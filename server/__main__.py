@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--audit-log", default=None, metavar="FILE",
                    help="append JSON lines of auth failures, rate-limit hits and adapter loads/unloads "
                         "(time, key id, client, action, outcome); keys appear only as a hash")
+    p.add_argument("--log-requests", action="store_true",
+                   help="log each finished request's prompt and output, with e-mail addresses, phone numbers and "
+                        "ID numbers masked (off: prompts and outputs are never logged)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM / SIGINT: seconds to let requests in flight finish (health 503, new requests "
                         "refused) before the rest are aborted and the process exits 0")
@@ -90,7 +93,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, quant=args.quant,
         quant_group_size=args.quant_group_size, kernels=args.kernels, loras=_lora_flags(args.lora),
         lora_dir=args.lora_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout)
+        max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+        log_requests=args.log_requests)
 
 
 def _lora_flags(values: list[str]) -> list[tuple[str, str]]:

@@ -31,6 +31,7 @@ class EngineConfig:
     max_lora_rank: int = 64               # the largest adapter rank accepted
     max_queued_requests: int | None = None  # requests waiting to start past which new ones are refused (None: no bound)
     request_timeout: float | None = None  # seconds a request may take from arrival to its end (None: no limit)
+    log_requests: bool = False            # log each finished request's prompt and output, personal data masked
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:

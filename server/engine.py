@@ -26,11 +26,13 @@ from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
 from server.metrics import EngineMetrics
 from server.model_runner import ModelRunner
 from server.outputs import RequestOutput, StopStringMatcher
+from server.redact import mask_pii
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.sequence import FinishReason, Sequence, SequenceStatus
 from server.synthetic_model import is_synthetic, synthetic_dir
 from server.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
+request_log = logging.getLogger("lmserve.requests")   # --log-requests: prompts and outputs, personal data masked
 log = logging.getLogger(__name__)
 
 
@@ -414,6 +416,10 @@ class AsyncEngine:
         if seq.is_finished:
             del self._requests[seq.request_id]
             self.metrics.on_finished(seq, now)
+            if self.config.log_requests:
+                request_log.info("request %s finished (%s): prompt %r output %r", seq.request_id,
+                                 seq.finish_reason.value, mask_pii(self.tokenizer.decode(seq.prompt_token_ids)),
+                                 mask_pii(req.detokenizer.text))
 
     def _output(self, req: _Request, token_ids, logprobs, text) -> RequestOutput:
         seq = req.seq

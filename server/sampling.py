@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 16          # stop strings per request
+MAX_STOP_STRING_CHARS = 256    # characters in one stop string
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300           # token ids in logit_bias, as OpenAI allows
 _GREEDY_EPS = 1e-5
 
 
@@ -64,8 +68,15 @@ class SamplingParams:
             _check(_is_num(value) and -2 <= value <= 2, name, f"{name} must be between -2 and 2; got {value!r}")
         _check(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer; got {self.seed!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop must be a list of non-empty strings")
+        _check(len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
+               f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters; got "
+               f"{len(self.stop)}, the longest {max(map(len, self.stop), default=0)}")
         _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be a list of non-negative integers")
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids; got {len(self.stop_token_ids)}")
+        _check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+               f"logit_bias takes at most {MAX_LOGIT_BIAS} token ids; got {len(self.logit_bias)}")
         _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
                f"min_tokens must be an integer >= 0; got {self.min_tokens!r}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",

@@ -23,7 +23,7 @@ from server.auth import AccessControl
 from server.http.access import AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
-from server.http.protocol import ApiError, engine_refusal
+from server.http.protocol import MAX_BODY_BYTES, ApiError, engine_refusal
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
@@ -35,10 +35,21 @@ _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 async def json_body(request: Request) -> dict:
+    too_large = ApiError(400, f"the request body is larger than {MAX_BODY_BYTES} bytes, the most accepted",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
     try:
-        raw = await request.body()
+        async for chunk in request.stream():   # read no further than the limit, whatever the header said
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(499, "client disconnected", type_="client_disconnected") from None
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from server.engine import (ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError,
                            ShuttingDownError)
-from server.sampling import InvalidRequestError, SamplingParams
+from server.sampling import MAX_STOP_STRINGS, InvalidRequestError, SamplingParams
 
 MAX_N = 16
-MAX_STOP_STRINGS = 16
+MAX_BODY_BYTES = 4 * 2**20   # a request body larger than this is refused before it is parsed
 
 
 class ApiError(Exception):

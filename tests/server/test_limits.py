@@ -115,3 +115,40 @@ def test_grpc_timeout_is_deadline_exceeded(strict):
             list(stub.Generate(request))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "--request-timeout" in e.value.details()
     assert strict.wait_until_all_blocks_free()
+
+
+@pytest.mark.parametrize("extra,param,fragment", [
+    ({"stop": ["x"] * 17}, "stop", "at most 16"),
+    ({"stop": ["y" * 257]}, "stop", "at most 256 characters"),
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids", "at most 64"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "at most 300"),
+    ({"n": 17}, "n", "n"),
+    ({"logprobs": 21}, "logprobs", "logprobs"),
+])
+def test_request_limits_are_400s_naming_the_field(live, extra, param, fragment):
+    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 2} | extra
+    r = httpx.post(live.url + "/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param and fragment in r.json()["error"]["message"]
+
+
+def test_a_body_past_the_size_limit_is_refused_unread(live):
+    from server.http.protocol import MAX_BODY_BYTES
+    big = b'{"prompt": "' + b"a" * MAX_BODY_BYTES + b'"}'
+    r = httpx.post(live.url + "/v1/completions", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "request_too_large"
+    chunked = httpx.post(live.url + "/v1/completions", content=iter([big[:2**20]] * 5))   # no Content-Length
+    assert chunked.status_code == 400 and chunked.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(live.url + "/health").status_code == 200
+
+
+def test_log_requests_logs_prompt_and_output_with_personal_data_masked(llama, caplog):
+    async def main():
+        engine = AsyncEngine(EngineConfig(model=llama, kv_cache_tokens=1024, log_requests=True))
+        async for _ in engine.generate("mail bob@example.com or call +44 20 7946 0958", SamplingParams(max_tokens=3)):
+            pass
+        await engine.shutdown()
+    with caplog.at_level("INFO", logger="lmserve.requests"):
+        asyncio.run(main())
+    (record,) = [r for r in caplog.records if r.name == "lmserve.requests"]
+    assert "[email]" in record.getMessage() and "[phone]" in record.getMessage()
+    assert "bob@" not in record.getMessage() and "7946" not in record.getMessage()
