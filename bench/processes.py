@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -21,7 +22,12 @@ def free_port() -> int:
 class ServerProcess:
     proc: subprocess.Popen
     url: str
+    log: Path
     grpc_target: str | None = None
+
+    def output(self) -> str:
+        """What the server has printed so far (stdout and stderr)."""
+        return self.log.read_text(errors="replace")
 
     def stop(self):
         self.proc.terminate()
@@ -29,6 +35,7 @@ class ServerProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.unlink(missing_ok=True)
 
 
 def start(module: str, *args: str, port: int, timeout: float = 600, **extra) -> ServerProcess:
@@ -39,17 +46,21 @@ def start(module: str, *args: str, port: int, timeout: float = 600, **extra) -> 
 def launch(argv: list[str], port: int, timeout: float = 600, **extra) -> ServerProcess:
     """Run argv (a server that listens on port); returns once GET /health answers 200."""
     name = " ".join(argv[1:3])
-    proc = subprocess.Popen(argv, cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A file, not a pipe: a pipe nobody reads fills up and blocks the server on its next log line.
+    fd, log = tempfile.mkstemp(prefix="lmserve-", suffix=".log")
+    with os.fdopen(fd, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=os.environ.copy(), stdout=out, stderr=subprocess.STDOUT)
+    log = Path(log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url + "/health", timeout=1) as r:
                 if r.status == 200:
-                    return ServerProcess(proc, url, **extra)
+                    return ServerProcess(proc, url, log, **extra)
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited: {proc.stdout.read().decode()}") from None
+                raise RuntimeError(f"{name} exited: {log.read_text(errors='replace')}") from None
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"{name} did not become healthy in {timeout} s")

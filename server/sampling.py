@@ -48,9 +48,12 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _check(isinstance(self.stop, (list, tuple, type(None))), "stop", "stop must be a string or a list of strings")
         self.stop = list(self.stop or [])
+        _check(isinstance(self.stop_token_ids, (list, tuple, type(None))), "stop_token_ids",
+               "stop_token_ids must be a list of non-negative integers")
         self.stop_token_ids = list(self.stop_token_ids or [])
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        self.logit_bias = _token_biases(self.logit_bias)
         if self.top_k == 0:
             self.top_k = -1
         _check(self.max_tokens is None or _is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens",
@@ -99,6 +102,19 @@ def _is_int(v) -> bool:
 
 def _is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _token_biases(logit_bias) -> dict[int, float]:
+    _check(isinstance(logit_bias, (dict, type(None))), "logit_bias",
+           "logit_bias must be an object mapping token ids to biases")
+    try:
+        ids = [int(k) for k in (logit_bias or {})]
+    except (TypeError, ValueError):
+        raise InvalidRequestError("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
+    _check(all(i >= 0 for i in ids), "logit_bias", "logit_bias keys must be token ids (non-negative integers)")
+    values = list((logit_bias or {}).values())
+    _check(all(_is_num(v) for v in values), "logit_bias", "logit_bias values must be numbers between -100 and 100")
+    return dict(zip(ids, map(float, values)))
 
 
 def _check(ok: bool, param: str, message: str):

@@ -139,15 +139,6 @@ def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> 
     if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
         raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
                        "stop")
-    logit_bias = body.get("logit_bias") or {}
-    if not isinstance(logit_bias, dict):
-        raise ApiError(400, "logit_bias must be an object mapping token ids to biases", "logit_bias")
-    try:
-        logit_bias = {int(k): v for k, v in logit_bias.items()}
-    except (TypeError, ValueError):
-        raise ApiError(400, "logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
-    if not all(_is_number(v) for v in logit_bias.values()):
-        raise ApiError(400, "logit_bias values must be numbers between -100 and 100", "logit_bias")
     temperature = _opt(body, "temperature", (int, float), default=1.0)
     try:
         return SamplingParams(
@@ -158,7 +149,7 @@ def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> 
             frequency_penalty=_opt(body, "frequency_penalty", (int, float), default=0.0),
             seed=_opt(body, "seed", int), stop=stop, stop_token_ids=_opt(body, "stop_token_ids", list, default=[]),
             min_tokens=_opt(body, "min_tokens", int, default=0), ignore_eos=_opt(body, "ignore_eos", bool, default=False),
-            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=logit_bias,
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=body.get("logit_bias"),
             include_stop_str_in_output=_opt(body, "include_stop_str_in_output", bool, default=False),
             skip_special_tokens=_opt(body, "skip_special_tokens", bool, default=True))
     except InvalidRequestError as e:

@@ -167,4 +167,4 @@ def test_a_dead_step_loop_fails_waiting_requests_and_exits_non_zero(llama):
         after = "gone"
     assert after in (503, "gone")
     assert process.proc.wait(timeout=30) == 1
-    assert "engine step loop died" in process.proc.stdout.read().decode()
+    assert "engine step loop died" in process.output()

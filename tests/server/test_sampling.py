@@ -27,6 +27,12 @@ def rows(params: SamplingParams, n: int, seed0: int = 0, output=()):
     ("stop", [""], "stop must be a list of non-empty strings"),
     ("temperature", float("nan"), "temperature must be between 0 and 100"),
     ("max_tokens", True, "max_tokens must be an integer >= 1"),
+    ("stop", 7, "stop must be a string or a list of strings"),
+    ("stop_token_ids", "3", "stop_token_ids must be a list of non-negative integers"),
+    ("logit_bias", [None], "logit_bias must be an object"),
+    ("logit_bias", {"x": 1}, "logit_bias keys must be token ids"),
+    ("logit_bias", {"-4": 1}, "logit_bias keys must be token ids"),
+    ("logit_bias", {"4": "1"}, "logit_bias values must be numbers"),
 ])
 def test_invalid_params_say_what_is_allowed(field, value, message):
     with pytest.raises(InvalidRequestError) as info:

@@ -1,0 +1,98 @@
+"""Property-based fuzzing of every HTTP endpoint of a real server process: generated JSON bodies with the
+fields each route reads (and others) holding wrong types, huge numbers, NaN, unicode; raw and truncated bodies.
+Bad input must never be a 500 or bring the server down."""
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bench.processes import start_lmserve
+
+POST = ["/v1/completions", "/v1/chat/completions", "/generate", "/tokenize", "/detokenize", "/v1/load_lora_adapter",
+        "/v1/unload_lora_adapter"]
+GET = ["/health", "/metrics", "/v1/models", "/v1/nothing"]
+FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
+          "stop", "seed", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "logit_bias", "min_tokens",
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "stop_token_ids", "tokens",
+          "lora_name", "lora_path", "add_special_tokens", "prompt_logprobs", "min_p", "role", "content", "user"]
+
+scalars = (st.none() | st.booleans() | st.integers(-10**30, 10**30) | st.integers(-3, 40)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=40))
+values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=6) | st.dictionaries(
+    st.sampled_from(FIELDS) | st.text(max_size=8), inner, max_size=6), max_leaves=20)
+small_prompt = st.lists(st.integers(0, 500), min_size=1, max_size=8) | st.text(min_size=1, max_size=30)
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]),
+                                           "content": st.text(max_size=30) | values}), max_size=3)
+bodies = st.dictionaries(st.sampled_from(FIELDS), values, max_size=8) | st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "nope", ""]), "prompt": small_prompt | values,
+     "max_tokens": st.integers(-2, 6) | values}, optional={"messages": messages, "stream": st.booleans(),
+                                                           "n": st.integers(-1, 3), "logprobs": st.integers(-1, 25),
+                                                           "stop": values, "logit_bias": values,
+                                                           "temperature": scalars})
+
+
+VALID = {"model": "tiny", "prompt": "Hello", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+         "temperature": 0}
+near_valid = st.builds(lambda field, value, stream: VALID | {field: value, "stream": stream},
+                       st.sampled_from(FIELDS), values, st.booleans())
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--max-model-len", "64",
+                            "--kv-cache-tokens", "2048")
+    with httpx.Client(base_url=process.url, timeout=60) as client:
+        yield client
+    process.stop()
+
+
+def _check(r: httpx.Response):
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        assert "message" in r.json()["error"]
+
+
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                         HealthCheck.too_slow])
+
+
+@FUZZ
+@given(path=st.sampled_from(POST), body=bodies)
+def test_json_bodies_never_500(server, path, body):
+    _check(server.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}))
+
+
+@FUZZ
+@given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/generate"]), body=near_valid)
+def test_valid_bodies_with_one_field_gone_wrong_never_500(server, path, body):
+    if path != "/v1/chat/completions":
+        body.pop("messages")
+    _check(server.post(path, content=json.dumps(body), headers={"Content-Type": "application/json"}))
+
+
+@FUZZ
+@given(path=st.sampled_from(POST), body=values)
+def test_any_json_value_never_500(server, path, body):
+    _check(server.post(path, content=json.dumps(body)))
+
+
+@FUZZ
+@given(path=st.sampled_from(POST), body=bodies, cut=st.floats(0, 1), junk=st.binary(max_size=40))
+def test_truncated_and_raw_bodies_never_500(server, path, body, cut, junk):
+    text = json.dumps(body).encode()
+    _check(server.post(path, content=text[:int(len(text) * cut)]))
+    _check(server.post(path, content=junk))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(GET), query=st.text(max_size=20))
+def test_get_routes_never_500(server, path, query):
+    _check(server.get(path, params={"q": query}))
+
+
+def test_the_server_still_serves_after_the_fuzzing(server):
+    assert server.get("/health").status_code == 200
+    r = server.post("/v1/completions", json={"model": "tiny", "prompt": "Hello", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
