@@ -396,7 +396,7 @@ class AsyncEngine:
         self.metrics.on_token(seq, now, seq.last_token_time)
         seq.last_token_time = now
         try:
-            req.detokenizer.step([token.token_id])
+            req.detokenizer.step([token.token_id], final=seq.is_finished)
         except Exception as e:  # this request's text cannot be made: it fails, the others go on
             log.exception("detokenizing request %s failed", seq.request_id)
             self._end_early(seq.request_id, RequestFailedError(

@@ -43,7 +43,8 @@ class IncrementalDetokenizer:
 
     Decodes a short window of earlier tokens with the new ones and emits only the text past the window, so
     leading spaces and merges come out right; while the tail decodes to U+FFFD (a multi-byte character cut
-    between tokens) it emits nothing and waits for the rest of the bytes.
+    between tokens) it emits nothing and waits for the rest of the bytes; the last step (final=True) emits
+    the tail as it is, so the whole text equals decoding the whole output.
     """
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
@@ -54,11 +55,11 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.text = ""
 
-    def step(self, new_token_ids: list[int]) -> str:
+    def step(self, new_token_ids: list[int], final: bool = False) -> str:
         self.token_ids.extend(new_token_ids)
         prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
         full = self._decode(self.token_ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
-        if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
+        if len(full) > len(prefix) and (final or not full.endswith(REPLACEMENT_CHAR)):
             delta = full[len(prefix):]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.token_ids)

@@ -229,7 +229,7 @@ def test_text_prompt_and_incremental_text_match_full_decode(llama):
     engine = make_engine(llama, kv_cache_tokens=2048)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     tokens, text, last = run(collect(engine, "Hello, café 😀", params))
-    assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True).rstrip("\ufffd")
+    assert text == engine.tokenizer.decode(tokens, skip_special_tokens=True)
     assert last.num_prompt_tokens == len(engine.tokenizer.encode("Hello, café 😀"))
 
 

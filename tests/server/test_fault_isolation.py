@@ -83,7 +83,7 @@ def test_over_http_the_broken_request_is_a_500_naming_it(llama):
 
         def emit(seq, token):
             if seq.request_id.startswith("cmpl-") and seq.params.seed == 13:
-                server.engine._requests[seq.request_id].detokenizer.step = lambda _: 1 / 0
+                server.engine._requests[seq.request_id].detokenizer.step = lambda *_, **__: 1 / 0
             real(seq, token)
         server.engine._emit = emit
         body = {"model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": True}

@@ -24,6 +24,14 @@ def test_byte_fallback_of_a_single_emoji_is_held_until_complete(llama):
     assert deltas[:-1] == [""] * (len(ids) - 1) and deltas[-1] == "😀"
 
 
+def test_an_output_ending_inside_a_character_ends_as_decode_of_the_whole_output(llama):
+    tok = load_tokenizer(llama)
+    ids = tok.encode("ok 😀", add_special_tokens=False)[:-1]  # cut inside the emoji's bytes
+    detok = IncrementalDetokenizer(tok, [])
+    deltas = [detok.step([t], final=i == len(ids) - 1) for i, t in enumerate(ids)]
+    assert deltas[-2] == "" and "".join(deltas) == tok.decode(ids) and detok.text.endswith("\ufffd")
+
+
 def test_chat_template_renders_messages_with_exactly_one_bos(llama):
     tok = load_tokenizer(llama)
     messages = [{"role": "user", "content": "hi"}]

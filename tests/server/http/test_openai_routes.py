@@ -22,7 +22,7 @@ def test_completion_greedy_equals_hf(live, client, hf_reference):
                                     extra_body={"ignore_eos": True})
     ids = live.engine.tokenizer.encode(prompt)
     expected = hf_reference("llama").greedy(ids, 12, eos=False)
-    assert out.choices[0].text == live.engine.tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
+    assert out.choices[0].text == live.engine.tokenizer.decode(expected, skip_special_tokens=True)
     assert out.object == "text_completion" and out.model == MODEL_NAME and out.id.startswith("cmpl-")
     assert out.choices[0].finish_reason == "length"
     assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 12
@@ -49,7 +49,7 @@ def test_chat_completion_uses_the_chat_template(live, client, hf_reference):
     expected = hf_reference("llama").greedy(ids, 8, eos=False)
     choice = out.choices[0]
     assert choice.message.role == "assistant"
-    assert choice.message.content == live.engine.tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
+    assert choice.message.content == live.engine.tokenizer.decode(expected, skip_special_tokens=True)
     assert out.object == "chat.completion" and out.usage.prompt_tokens == len(ids)
 
 
