@@ -1,0 +1,246 @@
+"""Soak: a few thousand requests at a real server process over HTTP and gRPC, good traffic mixed with client
+disconnects, client timeouts, cancelled gRPC streams and bad input, faster than it can serve them all (so some
+are refused by --max-queued-requests and the small KV cache preempts). Afterwards every KV block is free, the
+event loop, threads and file descriptors are back where they were, every good request got HF's tokens, and
+the metrics counters agree with what the clients saw."""
+import asyncio
+import json
+import os
+import random
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.processes import start_lmserve
+from server.grpc_gen import inference_pb2 as pb
+from server.grpc_gen import inference_pb2_grpc
+from tests.conftest import random_prompts
+
+NUM_REQUESTS = 3000
+MAX_TOKENS = 6
+PROMPTS = random_prompts(12, [3, 9, 20, 33], seed=7)
+
+BAD_BODIES = [  # (path, body, expected status)
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": -1}, 400),
+    ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404),
+    ("/v1/completions", {"model": "tiny", "prompt": [7] * 200}, 400),
+    ("/v1/completions", "{", 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 100}, 400),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": [1]}, 400),
+    ("/v1/chat/completions", {"model": "tiny", "messages": "x"}, 400),
+    ("/generate", {"prompt": "hi", "temperature": "hot"}, 400),
+    ("/v1/nothing", {}, 404),
+]
+
+
+@dataclass
+class Tally:
+    good: int = 0                 # answered 200 with the right tokens
+    refused: int = 0              # 429: --max-queued-requests
+    disconnected: int = 0         # streams closed by the client after their first token
+    timed_out: int = 0            # client timeouts (may or may not have reached the engine, or been refused)
+    bad: int = 0                  # bad input answered with its 4xx
+    good_tokens: int = 0
+    wrong: list = field(default_factory=list)
+
+
+def metrics(url: str) -> dict[tuple, float]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(m: dict, name: str, **labels) -> float:
+    return sum(v for (n, lab), v in m.items() if n == name and all(dict(lab).get(k) == x for k, x in labels.items()))
+
+
+def idle_state(url: str, pid: int) -> tuple:
+    m = metrics(url)
+    return (total(m, "lmserve_event_loop_tasks"), total(m, "lmserve_threads"), len(os.listdir(f"/proc/{pid}/fd")))
+
+
+def wait_until_idle(url: str, pid: int, baseline: tuple | None, timeout: float = 20.0) -> tuple:
+    """Polls until nothing runs, waits, or holds a block (and, given a baseline, the process is back to it)."""
+    state = None
+    for _ in range(int(timeout / 0.2)):
+        m = metrics(url)
+        busy = (total(m, "lmserve_num_requests_running"), total(m, "lmserve_num_requests_waiting"),
+                total(m, "lmserve_kv_cache_usage_ratio"))
+        state = idle_state(url, pid)
+        if busy == (0, 0, 0) and (baseline is None or state == baseline):
+            return state
+        asyncio.run(asyncio.sleep(0.2))
+    raise AssertionError(f"not idle: running/waiting/kv {busy}, tasks/threads/fds {state} vs {baseline}")
+
+
+async def soak(url: str, grpc_target: str, expected: dict, texts: dict, n: int, seed: int) -> Tally:
+    rng = random.Random(seed)
+    tally = Tally()
+    limits = httpx.Limits(max_connections=96, max_keepalive_connections=32)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http, \
+            grpc.aio.insecure_channel(grpc_target) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        def check(kind: str, prompt: list[int], tokens: list[int]):
+            if tokens != expected[tuple(prompt)]:
+                tally.wrong.append((kind, prompt, tokens, expected[tuple(prompt)]))
+            tally.good += 1
+            tally.good_tokens += len(tokens)
+
+        async def completion(prompt):
+            r = await http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                                         "temperature": 0})
+            if r.status_code == 429:
+                tally.refused += 1
+                return
+            assert r.status_code == 200, r.text
+            text, usage = r.json()["choices"][0]["text"], r.json()["usage"]
+            want = expected[tuple(prompt)]
+            if text != texts[tuple(prompt)] or usage["completion_tokens"] != len(want):
+                tally.wrong.append(("completion", prompt, text, texts[tuple(prompt)]))
+            tally.good += 1
+            tally.good_tokens += usage["completion_tokens"]
+
+        async def generate(prompt):
+            r = await http.post("/generate", json={"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                                   "temperature": 0})
+            if r.status_code == 429:
+                tally.refused += 1
+                return
+            assert r.status_code == 200, r.text
+            check("generate", prompt, r.json()["token_ids"])
+
+        async def stream(prompt, disconnect: bool):
+            body = {"model": "tiny", "prompt": prompt, "stream": True, "temperature": 0,
+                    "max_tokens": 90 if disconnect else MAX_TOKENS, "ignore_eos": disconnect}
+            tokens = []
+            async with http.stream("POST", "/generate", json=body) as r:
+                if r.status_code == 429:
+                    tally.refused += 1
+                    return
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        tokens += json.loads(line[6:])["token_ids"]
+                        if disconnect and tokens:
+                            tally.disconnected += 1
+                            return  # leaving the block closes the connection mid-stream
+            check("stream", prompt, tokens)
+
+        async def timeout(prompt):
+            try:
+                r = await http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 90,
+                                                             "ignore_eos": True}, timeout=rng.uniform(0.001, 0.2))
+            except httpx.TimeoutException:
+                tally.timed_out += 1
+                return
+            if r.status_code == 429:
+                tally.refused += 1
+            else:  # it beat its timeout: counted with the timed-out ones, as a request that may have run
+                assert r.status_code == 200, r.text
+                tally.timed_out += 1
+
+        async def bad(_prompt):
+            path, body, status = rng.choice(BAD_BODIES)
+            r = await http.post(path, content=body if isinstance(body, str) else json.dumps(body))
+            assert r.status_code == status, (path, body, r.status_code, r.text)
+            assert "message" in r.json()["error"]
+            tally.bad += 1
+
+        async def grpc_unary(prompt):
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParameters(
+                max_tokens=MAX_TOKENS, temperature=0.0))
+            try:
+                result = await stub.GenerateUnary(request, timeout=60)
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+                tally.refused += 1
+                return
+            check("grpc", prompt, list(result.token_ids))
+
+        async def grpc_cancel(prompt):
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParameters(
+                max_tokens=90, temperature=0.0, ignore_eos=True))
+            call = stub.Generate(request, timeout=60)
+            try:
+                async for response in call:
+                    if response.WhichOneof("response") == "chunk":
+                        call.cancel()
+                        tally.disconnected += 1
+                        return
+            except grpc.aio.AioRpcError as e:
+                assert e.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED), e
+                tally.refused += e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                tally.disconnected += e.code() == grpc.StatusCode.CANCELLED
+
+        async def grpc_bad(_prompt):
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5]), adapter="nope",
+                                         sampling=pb.SamplingParameters(max_tokens=3))
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.GenerateUnary(request, timeout=30)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            tally.bad += 1
+
+        kinds = [(completion, 20), (generate, 15), (lambda p: stream(p, False), 15), (lambda p: stream(p, True), 10),
+                 (timeout, 10), (bad, 12), (grpc_unary, 10), (grpc_cancel, 5), (grpc_bad, 3)]
+        actions, weights = zip(*kinds)
+        tasks = []
+        for i in range(n):
+            action = rng.choices(actions, weights)[0]
+            tasks.append(asyncio.create_task(action(rng.choice(PROMPTS))))
+            if i % 100 >= 40:  # 40 at once, then 60 at about 300/s: each burst overflows the queue
+                await asyncio.sleep(rng.expovariate(300))
+        await asyncio.gather(*tasks)
+    return tally
+
+
+@pytest.fixture(scope="module")
+def server(llama):
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--max-model-len", "128",
+                            "--kv-cache-tokens", "1024", "--max-batch-size", "16", "--max-queued-requests", "16")
+    yield process
+    process.stop()
+
+
+def test_soak_mixed_traffic_leaves_nothing_behind(server, llama, hf_reference):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(llama)
+    hf = hf_reference("llama")
+    expected = {tuple(p): hf.greedy(p, MAX_TOKENS) for p in PROMPTS}
+    texts = {p: tokenizer.decode(t, skip_special_tokens=True) for p, t in expected.items()}
+    pid = server.proc.pid
+
+    warm = asyncio.run(soak(server.url, server.grpc_target, expected, texts, 150, seed=0))
+    assert not warm.wrong
+    baseline = wait_until_idle(server.url, pid, None)
+    before = metrics(server.url)
+
+    tally = asyncio.run(soak(server.url, server.grpc_target, expected, texts, NUM_REQUESTS, seed=1))
+    assert not tally.wrong, tally.wrong[:3]
+    assert tally.good + tally.refused + tally.disconnected + tally.timed_out + tally.bad == NUM_REQUESTS
+    assert tally.good > NUM_REQUESTS / 3 and tally.refused > 0 and tally.disconnected > 50 and tally.bad > 100
+
+    wait_until_idle(server.url, pid, baseline)  # every block free; tasks, threads and fds back to the baseline
+    after = metrics(server.url)
+
+    def delta(name, **labels):
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    # a request refused after its client gave up is counted by the server only
+    assert tally.refused <= delta("lmserve_requests_rejected_total", reason="queue_full") <= tally.refused + tally.timed_out
+    finished = delta("lmserve_requests_finished_total")
+    # every good request finished; every disconnected one reached the engine; a timed-out one may not have
+    assert tally.good + tally.disconnected <= finished <= tally.good + tally.disconnected + tally.timed_out
+    assert delta("lmserve_requests_finished_total", finished_reason="abort") >= tally.disconnected * 0.5
+    assert delta("lmserve_e2e_request_latency_seconds_count") == finished
+    produced = delta("lmserve_time_to_first_token_seconds_count")  # requests that got a first token
+    assert tally.good + tally.disconnected <= produced <= finished
+    assert delta("lmserve_generation_tokens_total") >= tally.good_tokens + tally.disconnected
+    assert delta("lmserve_inter_token_latency_seconds_count") == delta("lmserve_generation_tokens_total") - produced
+
+    r = httpx.post(server.url + "/generate", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS,
+                                                   "temperature": 0})
+    assert r.json()["token_ids"] == expected[tuple(PROMPTS[0])]
