@@ -1,11 +1,14 @@
 """API keys, roles, rate limits and the audit log: the rules, then over HTTP and gRPC against a live server."""
 import json
+import signal
+import time
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.processes import start_lmserve
 from server.auth import AccessConfigError, AccessControl, ApiKey, AuditLog, TokenBucket, build_access, key_id
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
@@ -132,3 +135,33 @@ def test_a_key_removed_from_the_file_is_revoked_on_reload(guarded, keys_file):
     finally:
         keys_file.write_text(original)
         guarded.access.reload()
+
+
+def test_the_real_process_guards_with_its_keys_file_and_revokes_on_sighup(llama, tmp_path):
+    keys, audit = tmp_path / "keys", tmp_path / "audit.jsonl"
+    keys.write_text(f"{ADMIN} admin\n{USER} user\n{LIMITED} user 2\n")
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "2048",
+                            "--api-keys-file", str(keys), "--audit-log", str(audit))
+    try:
+        def post(key, path="/v1/completions"):
+            body = {"model": "tiny", "prompt": "Hi", "max_tokens": 1, "lora_name": "x"}
+            return httpx.post(process.url + path, json=body, headers={"Authorization": f"Bearer {key}"} if key else {},
+                              timeout=60).status_code
+
+        assert httpx.get(process.url + "/health").status_code == 200
+        assert (post(None), post("wrong"), post(USER), post(ADMIN)) == (401, 401, 200, 200)
+        assert post(USER, "/v1/unload_lora_adapter") == 403
+        assert [post(LIMITED) for _ in range(3)] == [200, 200, 429]
+        keys.write_text(f"{ADMIN} admin\n")
+        process.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while post(USER) != 401:
+            assert time.monotonic() < deadline, "the removed key still works after SIGHUP"
+            time.sleep(0.1)
+        assert post(ADMIN) == 200
+    finally:
+        log = process.output()
+        process.stop()
+    assert ADMIN not in log and USER not in log and key_id(USER) in audit.read_text()
+    actions = {(e["action"], e["outcome"]) for e in map(json.loads, audit.read_text().splitlines())}
+    assert {("auth_failure", "denied"), ("auth_failure", "forbidden"), ("rate_limit", "denied")} <= actions
