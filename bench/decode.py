@@ -1,0 +1,153 @@
+"""python -m bench.decode: decode speed against the memory-bandwidth floor.
+
+A decode step must read every weight the forward pass uses (all but the embedding table, of which it reads
+one row per token) and the KV cache of each sequence, so at batch 1 tokens/s can be at most the device's
+memory bandwidth over those bytes. This measures that bandwidth (a large device-to-device copy: bytes read
+plus bytes written over the time), the bytes a step reads, and the tokens/s the engine reaches, request by
+request through `AsyncEngine.generate` as a client sees them (Python and launch overhead included), and
+prints the ratio:
+
+    python -m bench.decode --model random:llama-2-7b --dtype float16 --quant int4 --batch 1
+"""
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from server.config import EngineConfig
+from server.engine import AsyncEngine
+from server.sampling import SamplingParams
+
+
+@dataclass
+class DecodeReport:
+    model: str
+    device: str
+    dtype: str
+    quant: str
+    kernels: str
+    batch: int
+    context_tokens: int            # prompt + generated, at the end
+    weight_bytes: int              # every weight the model holds
+    bytes_per_step: int            # what one decode step must read: weights but the embedding table, plus KV
+    copy_gb_per_s: float           # measured device copy bandwidth (read + written)
+    floor_tokens_per_s: float      # per sequence: copy bandwidth / bytes_per_step
+    tokens_per_s: float            # per sequence: 1 / median inter-token time
+    total_tokens_per_s: float      # all sequences together
+    inter_token_ms_p50: float
+    inter_token_ms_p90: float
+
+    @property
+    def percent_of_floor(self) -> float:
+        return 100 * self.tokens_per_s / self.floor_tokens_per_s
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves (each byte read once and written once), best of repeats."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - t
+        best = min(best, seconds)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def bytes_per_step(engine: AsyncEngine, context_tokens: int, batch: int) -> int:
+    """Weights a decode step reads (the embedding table only by rows, so not counted unless tied to lm_head),
+    plus the K and V of every layer over the context, per sequence."""
+    model = engine.model
+    embedding = model.model.embed_tokens.weight
+    tied = model.lm_head.weight is embedding
+    weights = model.weight_bytes - (0 if tied else embedding.numel() * embedding.element_size())
+    cfg = model.config
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.dtype.itemsize
+    return weights + batch * context_tokens * kv
+
+
+async def _decode(engine: AsyncEngine, prompt: list[int], max_tokens: int) -> list[float]:
+    """Gaps between a request's consecutive tokens, in seconds."""
+    times = []
+    async for _ in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)):
+        times.append(time.perf_counter())
+    return [b - a for a, b in zip(times, times[1:])]
+
+
+async def measure(engine: AsyncEngine, batch: int, prompt_tokens: int, output_tokens: int, seed: int = 0,
+                  bandwidth: float | None = None) -> DecodeReport:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(5, engine.vocab_size - 1) for _ in range(prompt_tokens)] for _ in range(batch)]
+    await asyncio.gather(*(_decode(engine, p, 4) for p in prompts))  # warm-up: kernels compiled and tuned
+    gaps = [g for run in await asyncio.gather(*(_decode(engine, p, output_tokens) for p in prompts)) for g in run]
+    p50 = statistics.median(gaps)
+    context = prompt_tokens + output_tokens
+    step_bytes = bytes_per_step(engine, context, batch)
+    bandwidth = bandwidth or copy_bandwidth(engine.device)
+    return DecodeReport(
+        model=str(engine.model_path), device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
+        quant=engine.config.quant, kernels=engine.model.ops.name, batch=batch, context_tokens=context,
+        weight_bytes=engine.model.weight_bytes, bytes_per_step=step_bytes, copy_gb_per_s=bandwidth / 1e9,
+        floor_tokens_per_s=bandwidth / step_bytes, tokens_per_s=1 / p50, total_tokens_per_s=batch / p50,
+        inter_token_ms_p50=1000 * p50, inter_token_ms_p90=1000 * statistics.quantiles(gaps, n=10)[-1])
+
+
+def format_report(r: DecodeReport) -> str:
+    return "\n".join([
+        f"model {r.model}  device {r.device}  dtype {r.dtype}  quant {r.quant}  kernels {r.kernels}",
+        f"batch {r.batch}  context {r.context_tokens} tokens  weights {r.weight_bytes / 2**30:.3f} GiB  "
+        f"read per step {r.bytes_per_step / 2**30:.3f} GiB",
+        f"copy bandwidth {r.copy_gb_per_s:.1f} GB/s  ->  floor {r.floor_tokens_per_s:.1f} tok/s per sequence",
+        f"measured {r.tokens_per_s:.1f} tok/s per sequence ({r.total_tokens_per_s:.1f} in all), "
+        f"inter-token p50 {r.inter_token_ms_p50:.2f} ms p90 {r.inter_token_ms_p90:.2f} ms",
+        f"{r.percent_of_floor:.0f}% of the bandwidth floor",
+    ])
+
+
+async def main(args) -> DecodeReport:
+    engine = AsyncEngine(EngineConfig(model=args.model, quant=args.quant, dtype=args.dtype, quant_group_size=args.group_size,
+                                      max_batch_size=max(args.batch, 1), max_wait_ms=0, enable_prefix_caching=False,
+                                      kv_cache_tokens=args.batch * (args.prompt_tokens + args.output_tokens + 64),
+                                      max_model_len=args.prompt_tokens + args.output_tokens + 16))
+    try:
+        report = await measure(engine, args.batch, args.prompt_tokens, args.output_tokens, args.seed)
+    finally:
+        await engine.shutdown()
+    print(format_report(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(asdict(report) | {"percent_of_floor": report.percent_of_floor}, f, indent=2)
+    return report
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a checkpoint, random:NAME, or the embedded default model")
+    p.add_argument("--quant", default="none", help="as python -m server --quant")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", default="auto", help="as python -m server --dtype")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the report here")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))
