@@ -90,28 +90,28 @@ async def soak(url: str, grpc_target: str, expected: dict, texts: dict, n: int, 
             tally.good += 1
             tally.good_tokens += len(tokens)
 
-        async def completion(prompt):
-            r = await http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
-                                                         "temperature": 0})
+        async def admitted(path: str, prompt) -> dict | None:
+            """The answer to a good request, or None when it was refused for a full queue."""
+            r = await http.post(path, json={"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
+                                            "temperature": 0})
             if r.status_code == 429:
                 tally.refused += 1
-                return
+                return None
             assert r.status_code == 200, r.text
-            text, usage = r.json()["choices"][0]["text"], r.json()["usage"]
-            want = expected[tuple(prompt)]
-            if text != texts[tuple(prompt)] or usage["completion_tokens"] != len(want):
+            return r.json()
+
+        async def completion(prompt):
+            if (answer := await admitted("/v1/completions", prompt)) is None:
+                return
+            text, usage = answer["choices"][0]["text"], answer["usage"]
+            if text != texts[tuple(prompt)] or usage["completion_tokens"] != len(expected[tuple(prompt)]):
                 tally.wrong.append(("completion", prompt, text, texts[tuple(prompt)]))
             tally.good += 1
             tally.good_tokens += usage["completion_tokens"]
 
         async def generate(prompt):
-            r = await http.post("/generate", json={"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
-                                                   "temperature": 0})
-            if r.status_code == 429:
-                tally.refused += 1
-                return
-            assert r.status_code == 200, r.text
-            check("generate", prompt, r.json()["token_ids"])
+            if (answer := await admitted("/generate", prompt)) is not None:
+                check("generate", prompt, answer["token_ids"])
 
         async def stream(prompt, disconnect: bool):
             body = {"model": "tiny", "prompt": prompt, "stream": True, "temperature": 0,
