@@ -1,9 +1,12 @@
-"""gRPC against a live server: streaming and unary generation, errors as status codes, cancel, health, reflection."""
+"""gRPC against a live server: streaming and unary generation, errors as status codes (generated requests
+included), cancel, health, reflection."""
 import asyncio
 import shutil
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -157,3 +160,39 @@ def test_adapters_are_listed_served_loaded_and_unloaded_over_grpc(llama, peft_ad
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+FIELDS = dict(
+    max_tokens=st.integers(0, 2**32 - 1) | st.integers(0, 8), temperature=floats, top_p=floats,
+    top_k=st.integers(-2**31, 2**31 - 1), min_p=floats, repetition_penalty=floats, presence_penalty=floats,
+    frequency_penalty=floats, seed=st.integers(-2**63, 2**63 - 1), stop=st.lists(st.text(max_size=300), max_size=20),
+    stop_token_ids=st.lists(st.integers(0, 2**32 - 1), max_size=70),
+    min_tokens=st.integers(0, 2**32 - 1) | st.integers(0, 4), ignore_eos=st.booleans(),
+    logprobs=st.integers(0, 2**32 - 1) | st.integers(0, 25),
+    logit_bias=st.dictionaries(st.integers(0, 2**32 - 1), floats, max_size=5),
+    include_stop_str_in_output=st.booleans(), max_tokens_to_context=st.booleans())
+# every field generated at once (mostly refused), or a valid request with one field generated
+sampling = st.builds(pb.SamplingParameters, **FIELDS) | st.one_of(*(
+    st.builds(lambda value, name=name: pb.SamplingParameters(**{"max_tokens": 4, "temperature": 0, name: value}),
+              values) for name, values in FIELDS.items()))
+prompts = st.one_of(
+    st.just({}), st.builds(lambda text: {"text": text}, st.text(max_size=40)),
+    st.builds(lambda ids: {"token_ids": pb.TokenIds(ids=ids)}, st.lists(st.integers(0, 2**32 - 1), max_size=8)),
+    st.builds(lambda ids: {"token_ids": pb.TokenIds(ids=ids)}, st.lists(st.integers(0, 500), max_size=600)))
+requests = st.builds(lambda prompt, **fields: pb.GenerateRequest(**prompt, **fields), prompts,
+                     model=st.sampled_from(["", MODEL_NAME, MODEL_NAME, "", "", "nope"]), sampling=sampling,
+                     adapter=st.sampled_from(["", "", "", "", "", "nope"]), request_id=st.text(max_size=10))
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow])
+@given(request=requests, streaming=st.booleans())
+def test_generated_requests_are_answered_or_refused_never_an_internal_error(stub, request, streaming):
+    try:
+        if streaming:
+            list(stub.Generate(request, timeout=60))
+        else:
+            stub.GenerateUnary(request, timeout=60)
+    except grpc.RpcError as e:
+        assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (e.code(), e.details())
+        assert e.details()
