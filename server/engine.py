@@ -2,7 +2,7 @@
 
 The step loop runs on the event loop: it admits sequences from the batcher, schedules, prepares the
 batch, runs the model in a single worker thread (the loop stays responsive meanwhile), then records
-tokens, detokenizes and pushes deltas to each request's queue.
+tokens; it detokenizes them and pushes deltas to each request's queue while the next step runs.
 """
 import asyncio
 import logging
@@ -350,6 +350,10 @@ class AsyncEngine:
 
     async def _run_steps(self):
         loop = asyncio.get_running_loop()
+        # The last step's tokens are detokenized and delivered while the next step runs. A stop string found
+        # then ends its sequence one step late: the token computed for it in that step is dropped, as for an
+        # abort that arrives mid-step.
+        undelivered: list[tuple[Sequence, SampledToken]] = []
         while True:
             self._wake.clear()
             if self.config.request_timeout is not None:
@@ -357,6 +361,7 @@ class AsyncEngine:
             for seq in self.batcher.release():
                 self.scheduler.add(seq)
             if not self.scheduler.has_work():
+                self._deliver(undelivered)
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.batcher.seconds_until_ready())
                 except TimeoutError:
@@ -364,6 +369,7 @@ class AsyncEngine:
                 continue
             out = self.scheduler.schedule()
             if not out.scheduled:
+                self._deliver(undelivered)
                 await asyncio.sleep(0.001)
                 continue
             now = time.monotonic()
@@ -373,8 +379,10 @@ class AsyncEngine:
                     self.metrics.on_scheduled(item.seq, now)
             self.metrics.on_step(len(out.scheduled), out.num_preempted)
             batch = self.runner.prepare(out)
+            step = loop.run_in_executor(self._executor, self.runner.run, batch)
+            self._deliver(undelivered)
             try:
-                result = await loop.run_in_executor(self._executor, self.runner.run, batch)
+                result = await step
             except Exception as exc:  # one bad step fails the requests in it, not the server
                 log.exception("engine step failed")
                 self._fail(out, exc)
@@ -385,8 +393,13 @@ class AsyncEngine:
                 self._end_early(seq.request_id, RequestFailedError(f"request {seq.request_id} failed: {reason}"))
             for seq, scored in result.prompt_logprobs.items():
                 seq.prompt_logprobs.extend(scored)
-            for seq in self.scheduler.update(out, result.sampled, self.eos_token_ids):
-                self._emit(seq, result.sampled[seq])
+            undelivered = [(seq, result.sampled[seq])
+                           for seq in self.scheduler.update(out, result.sampled, self.eos_token_ids)]
+
+    def _deliver(self, sampled: list[tuple[Sequence, SampledToken]]):
+        for seq, token in sampled:
+            self._emit(seq, token)
+        sampled.clear()
 
     def _emit(self, seq: Sequence, token: SampledToken):
         req = self._requests.get(seq.request_id)

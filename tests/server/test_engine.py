@@ -176,6 +176,30 @@ def test_abort_frees_blocks_and_ends_the_stream(llama):
     assert_all_blocks_free(engine)
 
 
+def test_a_stop_string_found_while_the_next_step_runs_ends_its_sequence_at_the_stop(llama):
+    # tokens are detokenized while the next step computes, so a stop string is seen one step late: the token
+    # computed for the stopped sequence in that step must be dropped, and its neighbours must not notice
+    engine = make_engine(llama, kv_cache_tokens=2048)
+    prompt, other = random_prompts(2, [10], seed=8)
+
+    async def main():
+        free_tokens, free_text, _ = await collect(engine, prompt, SamplingParams(temperature=0, max_tokens=30,
+                                                                                 ignore_eos=True))
+        alone, _, _ = await collect(engine, other, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+        start = next(i for i in range(5, len(free_text)) if "\ufffd" not in free_text[i:i + 3])
+        stop = free_text[start:start + 3]
+        stopped, together = await asyncio.gather(
+            collect(engine, prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])),
+            collect(engine, other, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)))
+        return free_tokens, stop, stopped, alone, together
+    free_tokens, stop, (tokens, text, last), alone, together = run(main())
+    decode = engine.tokenizer.decode
+    assert tokens == free_tokens[:len(tokens)] and stop in decode(tokens) and stop not in decode(tokens[:-1])
+    assert last.num_output_tokens == len(tokens) and last.finish_reason == "stop"
+    assert together[0] == alone
+    assert_all_blocks_free(engine)
+
+
 def test_stop_strings_stop_token_ids_and_min_tokens(llama):
     engine = make_engine(llama, kv_cache_tokens=2048)
     prompt = random_prompts(1, [10], seed=8)[0]
