@@ -5,8 +5,10 @@ GPTQ (as auto-gptq writes it), bits 4 or 8, pack = 32 // bits values per int32, 
   qweight [K / pack, N] packs consecutive input channels; qzeros [G, N / pack] packs output channels and
   stores zero - 1; scales [G, N]; g_idx [K] is the group of each input channel (act-order permutes it).
   W[n, k] = scales[g, n] * (q[k, n] - zero[g, n]) with g = g_idx[k].
-Both accumulate in float32. Small M (decode) takes a GEMV kernel; larger M a tiled tl.dot kernel. Autotune
-keys round M up to a power of two, so a batch that grows by one does not retune.
+Both accumulate in float32. M = 1 (batch-1 decode) takes a GEMV kernel. 2 <= M <= 8 (small decode
+batches) takes the tl.dot kernel with one 16-row tile holding every row of x, split along K, so each weight
+is read and dequantized once for all rows; larger M the same kernel tiled over M, unsplit. Autotune keys
+round M up to a power of two, so a batch that grows by one does not retune.
 
 Plain grouping (g_idx[k] == k // group_size) is the fast path: the caller passes group_size and the kernels
 compute groups instead of gathering them, and the GEMV reads each packed word's scale and zero once, storing
@@ -215,23 +217,34 @@ def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
 
 def _tiled_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw, num_stages=ns)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=nw, num_stages=ns)
             for bm, bn, bk, nw, ns in [(16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3),
                                        (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
                                        (128, 256, 32, 8, 3)]]
 
 
-@triton.autotune(configs=_tiled_configs(), key=["M_BUCKET", "N", "K"])
+def _skinny_configs():
+    # Every row of x in one 16-row tile (tl.dot's least); the N strips alone are too few programs to keep a
+    # GPU's memory busy, so K is split as in the GEMVs. Not yet timed on a GPU.
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2})]
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw, num_stages=ns)
+            for bn, bk, sk, nw, ns in [(32, 128, 4, 4, 3), (64, 128, 2, 4, 3), (64, 128, 4, 4, 3),
+                                       (64, 256, 2, 4, 3), (128, 128, 2, 8, 3), (32, 256, 4, 4, 4),
+                                       (64, 64, 8, 4, 4), (128, 64, 4, 4, 4), (32, 512, 2, 4, 3)]]
+
+
 @triton.jit
-def _tiled_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
-                  GPTQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+def _dot_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
+                GPTQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # A [BLOCK_M, BLOCK_N] tile of y over a 1/SPLIT_K share of K; split programs add into y (zeroed).
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
@@ -240,8 +253,17 @@ def _tiled_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
         acc += tl.dot(x, w.to(x.dtype))
     if not GPTQ:
         acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    y_offs = offs_m[:, None] * N + offs_n[None, :]
+    y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    else:
+        tl.atomic_add(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+_tiled_kernel = triton.autotune(configs=_tiled_configs(), key=["M_BUCKET", "N", "K"])(_dot_kernel)
+_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "N", "K"], reset_to_zero=["y_ptr"],
+                                 **_GRAPH_TUNED)(_dot_kernel)
 
 
 def _launch(x, w, scales, qzeros, g_idx, N, gptq: bool, bits: int, zero_offset: int, group_size: int | None):
@@ -249,13 +271,18 @@ def _launch(x, w, scales, qzeros, g_idx, N, gptq: bool, bits: int, zero_offset: 
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     m_bucket = triton.next_power_of_2(M)
-    if M <= GEMV_MAX_M and (not gptq or group_size is not None):
+    if M == 1 and (not gptq or group_size is not None):
         y = (torch.zeros if gptq else torch.empty)(M, N, device=x.device, dtype=x.dtype)   # gptq may split K
         grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         if gptq:
             _gemv_gptq_kernel[grid](x2, y, w, scales, qzeros, M, N, K, m_bucket, bits, zero_offset, group_size)
         else:
             _gemv_int8_kernel[grid](x2, y, w, scales, M, N, K, m_bucket)
+    elif M <= GEMV_MAX_M and (not gptq or group_size is not None):
+        y = torch.zeros(M, N, device=x.device, dtype=x.dtype)
+        grid = lambda meta: (1, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        _skinny_kernel[grid](x2, y, w, scales, qzeros, g_idx, M, N, K, m_bucket, gptq, bits, zero_offset,
+                             group_size or 0)
     elif M <= GEMV_MAX_M:
         y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
         grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
@@ -263,7 +290,7 @@ def _launch(x, w, scales, qzeros, g_idx, N, gptq: bool, bits: int, zero_offset: 
         y = y.to(x.dtype)
     else:
         y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), 1)  # noqa: E731
         _tiled_kernel[grid](x2, y, w, scales, qzeros, g_idx, M, N, K, m_bucket, gptq, bits, zero_offset,
                             group_size or 0)
     return y.view(*lead, N)

@@ -5,7 +5,7 @@ from kernels.quant_matmul import (GEMV_MAX_M, dequantize_gptq, gptq_matmul, gptq
                                   pack, sort_act_order, unpack, w8a16_matmul, w8a16_reference)
 from tests.kernels.conftest import DEVICE, DOT_DTYPES, close
 
-# M = 1 and 5 take the GEMV kernel, 33 and 123 the tiled one.
+# M = 1 takes the GEMV kernels, 5 the split-K tl.dot kernel with every row in one tile, 33 and 123 the tiled one.
 M_VALUES = [1, 5, 33, 123]
 assert min(M_VALUES[2:]) > GEMV_MAX_M >= max(M_VALUES[:2])
 
@@ -92,3 +92,16 @@ def test_quant_matmul_keeps_leading_dimensions():
     w = torch.randint(-127, 128, (16, 32), dtype=torch.int8, device=DEVICE)
     x = torch.randn(2, 3, 32, device=DEVICE)
     assert w8a16_matmul(x, w, torch.ones(16, device=DEVICE)).shape == (2, 3, 16)
+
+
+@pytest.mark.parametrize("dtype", DOT_DTYPES)
+@pytest.mark.parametrize("M", [2, GEMV_MAX_M])
+def test_small_batches_share_one_tile_and_split_k(M, dtype):
+    # The rows of a small decode batch share each weight tile; K is split across programs that add into y.
+    K, N = 256, 48
+    tensors, dense = random_gptq(K, N, 4, 64, False)
+    x = torch.randn(M, K, dtype=dtype, device=DEVICE)
+    close(gptq_matmul(x, **tensors, bits=4, group_size=64), (x.float() @ dense).to(dtype), dtype, scale=4)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEVICE)
+    scales = torch.rand(N, device=DEVICE) / 127 / 4
+    close(w8a16_matmul(x, w, scales), w8a16_reference(x, w, scales), dtype, scale=4)
