@@ -107,14 +107,15 @@ def _is_num(v) -> bool:
 def _token_biases(logit_bias) -> dict[int, float]:
     _check(isinstance(logit_bias, (dict, type(None))), "logit_bias",
            "logit_bias must be an object mapping token ids to biases")
+    logit_bias = logit_bias or {}
     try:
-        ids = [int(k) for k in (logit_bias or {})]
+        ids = [int(k) for k in logit_bias]
     except (TypeError, ValueError):
         raise InvalidRequestError("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
     _check(all(i >= 0 for i in ids), "logit_bias", "logit_bias keys must be token ids (non-negative integers)")
-    values = list((logit_bias or {}).values())
-    _check(all(_is_num(v) for v in values), "logit_bias", "logit_bias values must be numbers between -100 and 100")
-    return dict(zip(ids, map(float, values)))
+    _check(all(_is_num(v) for v in logit_bias.values()), "logit_bias",
+           "logit_bias values must be numbers between -100 and 100")
+    return dict(zip(ids, map(float, logit_bias.values())))
 
 
 def _check(ok: bool, param: str, message: str):

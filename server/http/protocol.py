@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from server.engine import (ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError,
                            ShuttingDownError)
-from server.sampling import MAX_STOP_STRINGS, InvalidRequestError, SamplingParams
+from server.sampling import InvalidRequestError, SamplingParams
 
 MAX_N = 16
 MAX_BODY_BYTES = 4 * 2**20   # a request body larger than this is refused before it is parsed
@@ -131,14 +131,6 @@ def _message(m, i: int) -> dict:
 
 
 def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings",
-                       "stop")
     temperature = _opt(body, "temperature", (int, float), default=1.0)
     try:
         return SamplingParams(
@@ -147,7 +139,7 @@ def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> 
             repetition_penalty=_opt(body, "repetition_penalty", (int, float), default=1.0),
             presence_penalty=_opt(body, "presence_penalty", (int, float), default=0.0),
             frequency_penalty=_opt(body, "frequency_penalty", (int, float), default=0.0),
-            seed=_opt(body, "seed", int), stop=stop, stop_token_ids=_opt(body, "stop_token_ids", list, default=[]),
+            seed=_opt(body, "seed", int), stop=body.get("stop"), stop_token_ids=_opt(body, "stop_token_ids", list, default=[]),
             min_tokens=_opt(body, "min_tokens", int, default=0), ignore_eos=_opt(body, "ignore_eos", bool, default=False),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=body.get("logit_bias"),
             include_stop_str_in_output=_opt(body, "include_stop_str_in_output", bool, default=False),
