@@ -17,8 +17,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-import torch
-
+from bench.kernels import copy_bandwidth
 from server.config import EngineConfig
 from server.engine import AsyncEngine
 from server.sampling import SamplingParams
@@ -45,28 +44,6 @@ class DecodeReport:
     @property
     def percent_of_floor(self) -> float:
         return 100 * self.tokens_per_s / self.floor_tokens_per_s
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
-    """Bytes per second a device-to-device copy moves (each byte read once and written once), best of repeats."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            seconds = start.elapsed_time(end) / 1000
-        else:
-            t = time.perf_counter()
-            dst.copy_(src)
-            seconds = time.perf_counter() - t
-        best = min(best, seconds)
-    return 2 * src.numel() * src.element_size() / best
 
 
 def bytes_per_step(engine: AsyncEngine, context_tokens: int, batch: int) -> int:
@@ -98,7 +75,8 @@ async def measure(engine: AsyncEngine, batch: int, prompt_tokens: int, output_to
     p50 = statistics.median(gaps)
     context = prompt_tokens + output_tokens
     step_bytes = bytes_per_step(engine, context, batch)
-    bandwidth = bandwidth or copy_bandwidth(engine.device)
+    # timed plainly, not through a CUDA graph: the engine's decode is not graph-captured either
+    bandwidth = bandwidth or copy_bandwidth(engine.device, 1 << 30, graph=False)
     return DecodeReport(
         model=str(engine.model_path), device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
         quant=engine.config.quant, kernels=engine.model.ops.name, batch=batch, context_tokens=context,

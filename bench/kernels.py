@@ -35,11 +35,11 @@ def timer(fn, device, graph: bool = True) -> float:
     return (time.perf_counter() - start) / 3
 
 
-def copy_bandwidth(device, nbytes: int) -> float:
-    """Bytes per second of a device-to-device copy (read + write)."""
-    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device)
+def copy_bandwidth(device, nbytes: int, graph: bool = True) -> float:
+    """Bytes per second of a device-to-device copy (read + write); graph as for timer."""
+    src = torch.ones(nbytes // 2, dtype=torch.float16, device=device)   # written: never-touched pages read as free
     dst = torch.empty_like(src)
-    return 2 * nbytes / timer(lambda: dst.copy_(src), device)
+    return 2 * nbytes / timer(lambda: dst.copy_(src), device, graph)
 
 
 def datasheet(device) -> tuple[float, float] | None:

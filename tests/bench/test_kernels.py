@@ -1,7 +1,9 @@
 """bench.kernels runs end to end (tiny shapes; on CPU in Triton's interpreter) and reports every kernel."""
 import json
 
-from bench.kernels import main
+import torch
+
+from bench.kernels import copy_bandwidth, main
 
 
 def test_smoke_run_reports_every_kernel(tmp_path, capsys):
@@ -13,3 +15,7 @@ def test_smoke_run_reports_every_kernel(tmp_path, capsys):
                                        "lora r=8 x4 adapters"}
     assert all(r["ms"] > 0 and r["gbps"] >= 0 for r in rows)
     assert "% floor" in capsys.readouterr().out
+
+
+def test_copy_bandwidth_counts_bytes_read_and_written():
+    assert 1e8 < copy_bandwidth(torch.device("cpu"), nbytes=1 << 24, graph=False) < 1e13
