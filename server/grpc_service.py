@@ -152,7 +152,7 @@ def _final(out: RequestOutput) -> pb.GenerateFinal:
 async def start_grpc_server(engine: AsyncEngine, host: str, port: int, access: AccessControl | None = None
                             ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
-    server = grpc.aio.server(interceptors=[AccessInterceptor(access)] if access is not None and access.enabled else [])
+    server = grpc.aio.server(interceptors=[AccessInterceptor(access)] if access is not None else [])  # as over HTTP
     pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -170,7 +170,8 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None) -> Starl
         Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
         Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"]),
     ]
-    middleware = [Middleware(AccessMiddleware, access=access)] if access is not None and access.enabled else []
+    # installed even with no key yet: a SIGHUP can add keys to an empty --api-keys-file
+    middleware = [Middleware(AccessMiddleware, access=access)] if access is not None else []
     return Starlette(routes=routes, middleware=middleware, exception_handlers={
         ApiError: api_error, RequestFailedError: request_failed, HTTPException: http_error, Exception: internal_error})
 

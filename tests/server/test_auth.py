@@ -165,3 +165,21 @@ def test_the_real_process_guards_with_its_keys_file_and_revokes_on_sighup(llama,
     assert ADMIN not in log and USER not in log and key_id(USER) in audit.read_text()
     actions = {(e["action"], e["outcome"]) for e in map(json.loads, audit.read_text().splitlines())}
     assert {("auth_failure", "denied"), ("auth_failure", "forbidden"), ("rate_limit", "denied")} <= actions
+
+
+def test_keys_added_to_an_empty_keys_file_are_enforced_after_reload(llama, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("# no keys yet\n")
+    access = build_access([], str(keys), None)
+    body = {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 1}
+    with LiveServer(llama, access=access, kv_cache_tokens=2048) as server:
+        assert _post(server, "/v1/completions", None, body).status_code == 200   # open while there is no key
+        keys.write_text(f"{USER} user\n")
+        access.reload()
+        assert _post(server, "/v1/completions", None, body).status_code == 401
+        assert _post(server, "/v1/completions", USER, body).status_code == 200
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.InferenceStub(channel).GenerateUnary(pb.GenerateRequest(text="Hi", sampling=pb.SamplingParameters(
+                    max_tokens=1)))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
