@@ -3,8 +3,9 @@
 Latencies are histograms (queue time, time to first token, inter-token latency, end-to-end); requests
 running / waiting, KV cache usage and prefix-cache hit ratio are gauges read at scrape time; tokens and
 finished requests are counters. The event loop's task count and the Python thread count are gauges too, so a
-leak (a task or thread left behind by a request) shows as a number that grows at idle. Request metrics carry the model name as a label: the adapter's name for
-a request served with a LoRA adapter, so each adapter's traffic and latency can be told apart.
+leak (a task or thread left behind by a request) shows as a number that grows at idle. Request metrics carry
+the model name as a label: the adapter's name for a request served with a LoRA adapter, so each adapter's
+traffic and latency can be told apart.
 """
 import asyncio
 import threading
