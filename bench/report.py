@@ -68,7 +68,8 @@ def parse_metrics(text: str) -> dict[tuple, float]:
     return samples
 
 
-def _total(samples: dict, name: str, **match) -> float:
+def metric_total(samples: dict, name: str, **match) -> float:
+    """The sum of the samples called name whose labels include match."""
     return sum(v for (n, labels), v in samples.items()
                if n == name and all(dict(labels).get(k) == want for k, want in match.items()))
 
@@ -97,8 +98,8 @@ def _histogram(before: dict, after: dict, name: str) -> dict:
         if n == f"{name}_bucket":
             bound = float(dict(labels)["le"])
             le[bound] = le.get(bound, 0.0) + v - before.get((n, labels), 0.0)
-    count = _total(after, f"{name}_count") - _total(before, f"{name}_count")
-    total = _total(after, f"{name}_sum") - _total(before, f"{name}_sum")
+    count = metric_total(after, f"{name}_count") - metric_total(before, f"{name}_count")
+    total = metric_total(after, f"{name}_sum") - metric_total(before, f"{name}_sum")
     out = {"count": count, "mean": total / count if count else math.nan}
     out |= {f"p{q}": histogram_quantile(list(le.items()), q / 100) for q in QUANTILES}
     return out
@@ -109,7 +110,7 @@ def server_delta(before_text: str, after_text: str) -> dict:
     before, after = parse_metrics(before_text), parse_metrics(after_text)
 
     def delta(name, **match):
-        return _total(after, name, **match) - _total(before, name, **match)
+        return metric_total(after, name, **match) - metric_total(before, name, **match)
 
     reasons = sorted({dict(labels)["finished_reason"] for (n, labels) in after
                       if n == "lmserve_requests_finished_total"})

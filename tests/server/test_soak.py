@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import grpc
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.processes import start_lmserve
+from bench.report import metric_total, parse_metrics
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc
 from tests.conftest import random_prompts
@@ -48,18 +48,13 @@ class Tally:
 
 
 def metrics(url: str) -> dict[tuple, float]:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def total(m: dict, name: str, **labels) -> float:
-    return sum(v for (n, lab), v in m.items() if n == name and all(dict(lab).get(k) == x for k, x in labels.items()))
+    return parse_metrics(httpx.get(url + "/metrics", timeout=30).text)
 
 
 def idle_state(url: str, pid: int) -> tuple:
     m = metrics(url)
-    return (total(m, "lmserve_event_loop_tasks"), total(m, "lmserve_threads"), len(os.listdir(f"/proc/{pid}/fd")))
+    return (metric_total(m, "lmserve_event_loop_tasks"), metric_total(m, "lmserve_threads"),
+            len(os.listdir(f"/proc/{pid}/fd")))
 
 
 def wait_until_idle(url: str, pid: int, baseline: tuple | None, timeout: float = 20.0) -> tuple:
@@ -67,8 +62,8 @@ def wait_until_idle(url: str, pid: int, baseline: tuple | None, timeout: float =
     state = None
     for _ in range(int(timeout / 0.2)):
         m = metrics(url)
-        busy = (total(m, "lmserve_num_requests_running"), total(m, "lmserve_num_requests_waiting"),
-                total(m, "lmserve_kv_cache_usage_ratio"))
+        busy = (metric_total(m, "lmserve_num_requests_running"), metric_total(m, "lmserve_num_requests_waiting"),
+                metric_total(m, "lmserve_kv_cache_usage_ratio"))
         state = idle_state(url, pid)
         if busy == (0, 0, 0) and (baseline is None or state == baseline):
             return state
@@ -227,10 +222,11 @@ def test_soak_mixed_traffic_leaves_nothing_behind(server, llama, hf_reference):
     after = metrics(server.url)
 
     def delta(name, **labels):
-        return total(after, name, **labels) - total(before, name, **labels)
+        return metric_total(after, name, **labels) - metric_total(before, name, **labels)
 
     # a request refused after its client gave up is counted by the server only
-    assert tally.refused <= delta("lmserve_requests_rejected_total", reason="queue_full") <= tally.refused + tally.timed_out
+    refused = delta("lmserve_requests_rejected_total", reason="queue_full")
+    assert tally.refused <= refused <= tally.refused + tally.timed_out
     finished = delta("lmserve_requests_finished_total")
     # every good request finished; every disconnected one reached the engine; a timed-out one may not have
     assert tally.good + tally.disconnected <= finished <= tally.good + tally.disconnected + tally.timed_out

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from bench.processes import start_lmserve
+from bench.report import metric_total, parse_metrics
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +50,7 @@ class SlowReader:
 
 
 def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError(name)
+    return metric_total(parse_metrics(httpx.get(url + "/metrics").text), name)
 
 
 def test_a_client_reading_one_byte_a_second_does_not_stall_the_others(server):
