@@ -61,7 +61,7 @@ async def run_load(options: LoadOptions) -> tuple[dict, list[RequestRecord]]:
         before = await _fetch(metrics_url)
         records = [RequestRecord(p.index, p.model, p.send_at, len(p.prompt_token_ids), p.max_tokens) for p in plan]
         slots = asyncio.Semaphore(options.max_in_flight) if options.max_in_flight else None
-        clock = run_clock()
+        clock = run_clock()   # restarted for the sends; the clients read it through their lambdas
         progress = asyncio.create_task(_progress(records, plan[-1].send_at if plan else 0.0, clock)) \
             if options.progress else None
 

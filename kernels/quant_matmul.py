@@ -271,14 +271,15 @@ def _launch(x, w, scales, qzeros, g_idx, N, gptq: bool, bits: int, zero_offset: 
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     m_bucket = triton.next_power_of_2(M)
-    if M == 1 and (not gptq or group_size is not None):
+    plain = not gptq or group_size is not None   # int8, or GPTQ with computed groups: the fast kernels
+    if M == 1 and plain:
         y = (torch.zeros if gptq else torch.empty)(M, N, device=x.device, dtype=x.dtype)   # gptq may split K
         grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         if gptq:
             _gemv_gptq_kernel[grid](x2, y, w, scales, qzeros, M, N, K, m_bucket, bits, zero_offset, group_size)
         else:
             _gemv_int8_kernel[grid](x2, y, w, scales, M, N, K, m_bucket)
-    elif M <= GEMV_MAX_M and (not gptq or group_size is not None):
+    elif M <= GEMV_MAX_M and plain:
         y = torch.zeros(M, N, device=x.device, dtype=x.dtype)
         grid = lambda meta: (1, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         _skinny_kernel[grid](x2, y, w, scales, qzeros, g_idx, M, N, K, m_bucket, gptq, bits, zero_offset,
