@@ -1,6 +1,5 @@
 """An in-process server (HTTP and gRPC) on a background thread, so tests can call it and inspect its engine."""
 import asyncio
-import socket
 import threading
 import time
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 import uvicorn
 
+from bench.processes import free_port
 from server.config import EngineConfig
 from server.engine import AsyncEngine
 from server.grpc_service import start_grpc_server
@@ -57,12 +57,6 @@ class LiveServer:
                 return True
             time.sleep(0.01)
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
