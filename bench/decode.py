@@ -30,6 +30,7 @@ class DecodeReport:
     dtype: str
     quant: str
     kernels: str
+    cuda_graphs: bool              # decode steps replayed CUDA graphs (off with --enforce-eager, and on CPU)
     batch: int
     context_tokens: int            # prompt + generated, at the end
     weight_bytes: int              # every weight the model holds
@@ -75,11 +76,11 @@ async def measure(engine: AsyncEngine, batch: int, prompt_tokens: int, output_to
     p50 = statistics.median(gaps)
     context = prompt_tokens + output_tokens
     step_bytes = bytes_per_step(engine, context, batch)
-    # timed plainly, not through a CUDA graph: the engine's decode is not graph-captured either
     bandwidth = bandwidth or copy_bandwidth(engine.device, 1 << 30, graph=False)
     return DecodeReport(
         model=str(engine.model_path), device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-        quant=engine.config.quant, kernels=engine.model.ops.name, batch=batch, context_tokens=context,
+        quant=engine.config.quant, kernels=engine.model.ops.name,
+        cuda_graphs=engine.runner.decode_graphs is not None, batch=batch, context_tokens=context,
         weight_bytes=engine.model.weight_bytes, bytes_per_step=step_bytes, copy_gb_per_s=bandwidth / 1e9,
         floor_tokens_per_s=bandwidth / step_bytes, tokens_per_s=1 / p50, total_tokens_per_s=batch / p50,
         inter_token_ms_p50=1000 * p50, inter_token_ms_p90=1000 * statistics.quantiles(gaps, n=10)[-1])
@@ -87,7 +88,8 @@ async def measure(engine: AsyncEngine, batch: int, prompt_tokens: int, output_to
 
 def format_report(r: DecodeReport) -> str:
     return "\n".join([
-        f"model {r.model}  device {r.device}  dtype {r.dtype}  quant {r.quant}  kernels {r.kernels}",
+        f"model {r.model}  device {r.device}  dtype {r.dtype}  quant {r.quant}  kernels {r.kernels}  "
+        f"cuda graphs {'on' if r.cuda_graphs else 'off'}",
         f"batch {r.batch}  context {r.context_tokens} tokens  weights {r.weight_bytes / 2**30:.3f} GiB  "
         f"read per step {r.bytes_per_step / 2**30:.3f} GiB",
         f"copy bandwidth {r.copy_gb_per_s:.1f} GB/s  ->  floor {r.floor_tokens_per_s:.1f} tok/s per sequence",
@@ -99,7 +101,7 @@ def format_report(r: DecodeReport) -> str:
 
 async def main(args) -> DecodeReport:
     engine = AsyncEngine(EngineConfig(model=args.model, quant=args.quant, dtype=args.dtype, quant_group_size=args.group_size,
-                                      max_batch_size=max(args.batch, 1), max_wait_ms=0, enable_prefix_caching=False,
+                                      max_batch_size=max(args.batch, 1), max_wait_ms=0, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
                                       kv_cache_tokens=args.batch * (args.prompt_tokens + args.output_tokens + 64),
                                       max_model_len=args.prompt_tokens + args.output_tokens + 16))
     try:
@@ -122,6 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, as python -m server --enforce-eager")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the report here")
     return p.parse_args(argv)

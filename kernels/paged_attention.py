@@ -16,6 +16,9 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
     # q: [T, Hq, Dh]; k, v: [T, Hkv, Dh]; k_cache, v_cache: [num_blocks, block_size, Hkv, Dh]
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     slots = meta.slot_mapping
+    written = slots >= 0   # slot -1: a padding row (a CUDA graph's spare rows), nothing written
+    if not written.all():
+        slots, k, v = slots[written], k[written], v[written]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
     out = torch.empty_like(q)

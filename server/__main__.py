@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input channels per scale group for --quant int4 (-1: one group per row)")
     p.add_argument("--kernels", choices=KERNEL_CHOICES, default=d.kernels,
                    help="auto: Triton kernels on CUDA, torch references on CPU")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="run decode steps eagerly instead of replaying the CUDA graphs captured at start (CUDA only)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve a PEFT LoRA adapter under NAME (repeatable); clients send NAME as `model`")
     p.add_argument("--lora-dir", default=None,
@@ -91,9 +93,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len, block_size=args.block_size, kv_cache_tokens=args.kv_cache_tokens,
         kv_cache_memory_fraction=args.kv_cache_memory_fraction,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, quant=args.quant,
-        quant_group_size=args.quant_group_size, kernels=args.kernels, loras=_lora_flags(args.lora),
-        lora_dir=args.lora_dir, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
+        quant_group_size=args.quant_group_size, kernels=args.kernels, enforce_eager=args.enforce_eager,
+        loras=_lora_flags(args.lora), lora_dir=args.lora_dir, max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank, max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
         log_requests=args.log_requests)
 
 

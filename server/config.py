@@ -25,6 +25,7 @@ class EngineConfig:
     quant: str = "none"                   # none | int8 | int4 | bnb-int8 | nf4; GPTQ checkpoints are detected
     quant_group_size: int = 128           # input channels per scale group for --quant int4 (-1: whole row)
     kernels: str = "auto"                 # auto: Triton kernels on CUDA, torch references elsewhere
+    enforce_eager: bool = False           # never replay decode steps through CUDA graphs (they are captured on CUDA)
     loras: list[tuple[str, str]] = field(default_factory=list)  # (name, path) of LoRA adapters loaded at start
     lora_dir: str | None = None           # adapters in it load at start; runtime loads must come from inside it
     max_loras: int = 8                    # adapters resident on the device at once (least recently used evicted)

@@ -19,6 +19,7 @@ import torch
 from batching.batcher import DynamicBatcher
 from batching.scheduler import Scheduler, SchedulerOutput
 from server.config import EngineConfig
+from server.cuda_graphs import build_decode_graphs
 from server.host_memory import keep_freed_memory
 from server.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.loader import load_hf_config, load_model
@@ -115,6 +116,12 @@ class AsyncEngine:
             self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank))
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids,
                                   self.lora_pool)
+        # bitsandbytes is left out: LLM.int8 picks its outlier columns per call (shapes that depend on the data),
+        # and NF4 has not been tried in a graph.
+        bnb = config.quant in ("bnb-int8", "nf4")
+        if self.device.type == "cuda" and self.model.ops.name == "triton" and not bnb and not config.enforce_eager:
+            self.runner.decode_graphs = build_decode_graphs(self.model, kv_caches, config.max_batch_size,
+                                                            self.max_model_len, config.block_size, self.runner.pad_block)
         self.metrics = EngineMetrics(self.model_name, self._metrics_state)
         self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
         self._rng = random.Random(config.seed)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from batching.scheduler import SchedulerOutput
+from server.cuda_graphs import DecodeGraphs
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.sampling import SampledToken, SamplerRow, sample, token_logprobs
 from server.sequence import Sequence
@@ -44,6 +45,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.eos_token_ids = eos_token_ids
+        self.decode_graphs: DecodeGraphs | None = None   # set by the engine on CUDA unless --enforce-eager
 
     def prepare(self, out: SchedulerOutput) -> PreparedBatch:
         bs = self.block_size
@@ -102,7 +104,10 @@ class ModelRunner:
         if batch.lora_slots is not None:
             lora = self.lora_pool
             lora.token_slots = batch.lora_slots   # read by every projection of this forward, in this thread only
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora)
+        if self.decode_graphs is not None and self.decode_graphs.serves(batch):
+            hidden = self.decode_graphs.run(batch)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora)
         sampled, failed = {}, {}
         if batch.sample_seqs:
             logits = self.model.compute_logits(hidden[batch.sample_indices])

@@ -67,6 +67,20 @@ def test_split_context_decode_matches_reference(window, dtype):
     close(out, ref, dtype, scale=4)
 
 
+@pytest.mark.parametrize("attention", [paged_attention, paged_attention_reference])
+def test_slot_minus_one_writes_nothing(attention):
+    # A CUDA graph's padding rows carry slot -1; the real rows beside them still write and attend as usual.
+    q, k, v, cache, meta = build_batch([(1, [5, 37, 80])], 4, 2, 16, torch.float32)
+    expected = cache.clone()
+    ref = paged_attention_reference(q, k, v, expected[0], expected[1], meta, 0.25, None)
+    skipped = meta.slot_mapping[1].item()
+    meta.slot_mapping[1] = -1
+    expected.view(2, -1, 2, 16)[:, skipped] = cache.view(2, -1, 2, 16)[:, skipped]   # the slot keeps what it had
+    out = attention(q, k, v, cache[0], cache[1], meta, 0.25, None)
+    assert torch.equal(cache, expected)
+    close(out[0::2], ref[0::2], torch.float32, scale=4)
+
+
 def test_decode_partitions_fill_the_device_without_tiny_pieces():
     from kernels.paged_attention import decode_partitions
     assert decode_partitions(64, 8, 256, 264, 8) == 1          # 512 programs already
