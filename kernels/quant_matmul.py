@@ -153,16 +153,19 @@ def _gemv_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
 
 def _direct_configs(split: bool):
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if split else 1})]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if split else 1} |
+                              ({"UNPACK_WORDS": True} if split else {}))]
     # Deep tiles, or a split along K, keep enough bytes in flight for a GEMV to reach memory bandwidth.
     if not split:   # int8: measured on an H100, the deep unsplit tiles beat any split (no zeroing launch)
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=nw)
                 for bn, bk, nw in [(8, 1024, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 4),
                                    (32, 1024, 8), (64, 256, 8), (16, 256, 2), (8, 512, 2)]]
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw)
+    # GPTQ: both ways of unpacking (see _gemv_gptq_kernel) are offered, and the autotuner times them.
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_WORDS": words}, num_warps=nw)
             for bn, bk, sk, nw in [(32, 128, 1, 4), (64, 128, 2, 4), (32, 128, 4, 4), (64, 128, 4, 4),
                                    (128, 128, 4, 8), (64, 64, 8, 4), (32, 256, 4, 4), (64, 256, 2, 8),
-                                   (16, 512, 4, 4), (8, 1024, 4, 4), (32, 512, 2, 4), (32, 1024, 1, 8)]]
+                                   (16, 512, 4, 4), (8, 1024, 4, 4), (32, 512, 2, 4), (32, 1024, 1, 8)]
+            for words in (False, True)]
 
 
 @triton.jit
@@ -199,19 +202,51 @@ def _gemv_int8_kernel(x_ptr, y_ptr, w_ptr, s_ptr, M, N, K, M_BUCKET,
 @triton.jit
 def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
                       BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    # Plain grouping: a tile inside one group reads one scale and zero per column; otherwise each row's.
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, UNPACK_WORDS: tl.constexpr):
+    # Plain grouping. UNPACK_WORDS: load each packed word once, as a [BLOCK_K / PACK, BLOCK_N] tile, and take
+    # its PACK values out with PACK shifts, each against x's every PACK-th element. Otherwise the [BLOCK_K,
+    # BLOCK_N] tile is gathered element by element (each word PACK times, from cache after the first).
     m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-        # g_ptr is never read with GROUP_SIZE > 0
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, s_ptr, k0, offs_k, offs_n, N, K, True, BITS, ZERO_OFFSET, GROUP_SIZE,
-                         BLOCK_K)
-        acc += x[:, None] * w
+    if UNPACK_WORDS:
+        PACK: tl.constexpr = 32 // BITS
+        MAXQ: tl.constexpr = (1 << BITS) - 1
+        WORDS: tl.constexpr = BLOCK_K // PACK
+        acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            rows = k0 // PACK + tl.arange(0, WORDS)     # packed rows; a word never straddles two groups
+            r_mask = rows < K // PACK
+            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
+                            other=0)
+            if GROUP_SIZE % BLOCK_K == 0:   # the tile lies in one group: one scale and zero per column
+                g = k0 // GROUP_SIZE
+                scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+                zword = tl.load(z_ptr + g * (N // PACK) + offs_n // PACK, mask=n_mask, other=0)[None, :]
+            else:
+                g = rows * PACK // GROUP_SIZE
+                scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
+                                other=0.0).to(tl.float32)
+                zword = tl.load(z_ptr + g[:, None] * (N // PACK) + offs_n[None, :] // PACK,
+                                mask=r_mask[:, None] & n_mask[None, :], other=0)
+            zero = (((zword >> ((offs_n[None, :] % PACK) * BITS)) + ZERO_OFFSET) & MAXQ).to(tl.float32)
+            # sum_j x_j * s * (q_j - z) = s * (sum_j x_j * q_j - z * sum_j x_j), per word
+            xq = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((WORDS,), dtype=tl.float32)
+            for j in tl.static_range(PACK):
+                x = tl.load(x_ptr + m * K + rows * PACK + j, mask=r_mask, other=0.0).to(tl.float32)
+                xq += x[:, None] * ((words >> (j * BITS)) & MAXQ).to(tl.float32)
+                xsum += x
+            acc += scale * (xq - zero * xsum[:, None])
+    else:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+            # g_ptr is never read with GROUP_SIZE > 0
+            w = _weight_tile(w_ptr, s_ptr, z_ptr, s_ptr, k0, offs_k, offs_n, N, K, True, BITS, ZERO_OFFSET,
+                             GROUP_SIZE, BLOCK_K)
+            acc += x[:, None] * w
     _store_or_add(y_ptr + m * N, offs_n, n_mask, tl.sum(acc, axis=0), SPLIT_K)
 
 

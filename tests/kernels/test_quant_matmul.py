@@ -1,5 +1,6 @@
 import pytest
 import torch
+import triton
 
 from kernels.quant_matmul import (GEMV_MAX_M, dequantize_gptq, gptq_matmul, gptq_reference, is_plain_grouping,
                                   pack, sort_act_order, unpack, w8a16_matmul, w8a16_reference)
@@ -105,3 +106,20 @@ def test_small_batches_share_one_tile_and_split_k(M, dtype):
     w = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=DEVICE)
     scales = torch.rand(N, device=DEVICE) / 127 / 4
     close(w8a16_matmul(x, w, scales), w8a16_reference(x, w, scales), dtype, scale=4)
+
+
+@pytest.mark.parametrize("unpack_words", [False, True])
+@pytest.mark.parametrize("bits,group_size,block_k", [(4, 32, 128), (4, 128, 64), (4, 512, 256), (8, 64, 64),
+                                                     (8, 256, 128)])
+def test_both_gemv_unpackings_match(unpack_words, bits, group_size, block_k):
+    # The autotuner picks either way of unpacking GPTQ words for M = 1, so both are checked here, over tiles
+    # that span several groups, lie inside one, and split K; N = 40 leaves a partial column strip.
+    from kernels.quant_matmul import _gemv_gptq_kernel
+    K, N = 512, 40
+    tensors, dense = random_gptq(K, N, bits, group_size, False)
+    x = torch.randn(1, K, device=DEVICE)
+    y = torch.zeros(1, N, device=DEVICE)
+    _gemv_gptq_kernel.fn[(1, triton.cdiv(N, 16), 2)](
+        x, y, tensors["qweight"], tensors["scales"], tensors["qzeros"], 1, N, K, 1, BITS=bits, ZERO_OFFSET=1,
+        GROUP_SIZE=group_size, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=2, UNPACK_WORDS=unpack_words)
+    close(y, x @ dense, torch.float32, scale=4)
