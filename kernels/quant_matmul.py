@@ -151,17 +151,24 @@ def _gemv_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
     tl.atomic_add(y_ptr + m * N + offs_n, acc, mask=offs_n < N)
 
 
+def _zero_y(nargs):
+    nargs["y_ptr"].zero_()
+
+
 def _direct_configs(split: bool):
+    # A config that splits K zeroes y itself (pre_hook: also inside the autotuner's timing, so a split is
+    # charged for its zeroing launch), and y need not be zeroed when the unsplit config wins.
     if _INTERPRET:
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if split else 1} |
-                              ({"UNPACK_WORDS": True} if split else {}))]
+                              ({"UNPACK_WORDS": True} if split else {}), pre_hook=_zero_y if split else None)]
     # Deep tiles, or a split along K, keep enough bytes in flight for a GEMV to reach memory bandwidth.
     if not split:   # int8: measured on an H100, the deep unsplit tiles beat any split (no zeroing launch)
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=nw)
                 for bn, bk, nw in [(8, 1024, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 4),
                                    (32, 1024, 8), (64, 256, 8), (16, 256, 2), (8, 512, 2)]]
     # GPTQ: both ways of unpacking (see _gemv_gptq_kernel) are offered, and the autotuner times them.
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_WORDS": words}, num_warps=nw)
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_WORDS": words}, num_warps=nw,
+                          pre_hook=_zero_y if sk > 1 else None)
             for bn, bk, sk, nw in [(32, 128, 1, 4), (64, 128, 2, 4), (32, 128, 4, 4), (64, 128, 4, 4),
                                    (128, 128, 4, 8), (64, 64, 8, 4), (32, 256, 4, 4), (64, 256, 2, 8),
                                    (16, 512, 4, 4), (8, 1024, 4, 4), (32, 512, 2, 4), (32, 1024, 1, 8)]
@@ -170,7 +177,7 @@ def _direct_configs(split: bool):
 
 @triton.jit
 def _store_or_add(y_ptr, offs_n, n_mask, y, SPLIT_K: tl.constexpr):
-    # With a split along K the programs of one strip add into y (zeroed by the caller) in its own dtype, as
+    # With a split along K the programs of one strip add into y (zeroed first) in its own dtype, as
     # exllama's GEMV does: one launch, no float32 buffer and cast.
     if SPLIT_K == 1:
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -197,8 +204,7 @@ def _gemv_int8_kernel(x_ptr, y_ptr, w_ptr, s_ptr, M, N, K, M_BUCKET,
     _store_or_add(y_ptr + m * N, offs_n, n_mask, y, SPLIT_K)
 
 
-@triton.autotune(configs=_direct_configs(split=True), key=["M_BUCKET", "N", "K"], reset_to_zero=["y_ptr"],
-                 **_GRAPH_TUNED)
+@triton.autotune(configs=_direct_configs(split=True), key=["M_BUCKET", "N", "K"], **_GRAPH_TUNED)
 @triton.jit
 def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
                       BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
@@ -308,7 +314,7 @@ def _launch(x, w, scales, qzeros, g_idx, N, gptq: bool, bits: int, zero_offset: 
     m_bucket = triton.next_power_of_2(M)
     plain = not gptq or group_size is not None   # int8, or GPTQ with computed groups: the fast kernels
     if M == 1 and plain:
-        y = (torch.zeros if gptq else torch.empty)(M, N, device=x.device, dtype=x.dtype)   # gptq may split K
+        y = torch.empty(M, N, device=x.device, dtype=x.dtype)   # a config that splits K zeroes it (pre_hook)
         grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         if gptq:
             _gemv_gptq_kernel[grid](x2, y, w, scales, qzeros, M, N, K, m_bucket, bits, zero_offset, group_size)
