@@ -4,7 +4,8 @@ The batch comes as AttentionGroups (server/layers/attention.py): B sequences tha
 Q tokens. Q = 1 (decode) runs a kernel with one program per (sequence, KV head) that serves every query
 head of that KV head, so each K/V block is read once for the whole GQA group. Q > 1 (prefill and chunked
 prefill over a cached prefix) runs one program per (sequence, query head, BLOCK_M queries). Both walk the
-block table with an online softmax in float32 and honour a sliding window.
+context a tile of keys at a time (a tile may span several cache blocks: each key's block comes from the block
+table) with an online softmax in float32, and honour a sliding window.
 """
 import torch
 import torch.nn.functional as F
@@ -53,13 +54,19 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ROW: tl.constexpr, 
 
 
 @triton.jit
-def _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dmask, kv_head, scale, window,
-                  HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    # One cache block of keys against a [R, Dh] tile of queries at positions q_pos [R]; online softmax.
-    offs = (block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE))[:, None] * (HKV * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
-    k = tl.load(kc_ptr + offs, mask=dmask[None, :], other=0.0)
-    v = tl.load(vc_ptr + offs, mask=dmask[None, :], other=0.0)
-    s = tl.dot(q, tl.trans(k)) * scale                                  # [R, BLOCK_SIZE]
+def _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, table_ptr, num_blocks, start, q_pos, d, dmask, kv_head, scale,
+                 window, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr):
+    # Keys start .. start + TILE (they may span several cache blocks, each key found through the block table)
+    # against a [R, Dh] tile of queries at positions q_pos [R]; online softmax.
+    key_pos = start + tl.arange(0, TILE)
+    in_table = key_pos // BLOCK_SIZE < num_blocks
+    block = tl.load(table_ptr + key_pos // BLOCK_SIZE, mask=in_table, other=0)
+    offs = (block * BLOCK_SIZE + key_pos % BLOCK_SIZE)[:, None] * (HKV * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
+    kv_mask = in_table[:, None] & dmask[None, :]
+    k = tl.load(kc_ptr + offs, mask=kv_mask, other=0.0)
+    v = tl.load(vc_ptr + offs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * scale                                  # [R, TILE]
     visible = key_pos[None, :] <= q_pos[:, None]
     if HAS_WINDOW:
         visible &= key_pos[None, :] > q_pos[:, None] - window
@@ -75,11 +82,12 @@ def _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dm
 
 @triton.jit
 def _decode_kernel(q_ptr, o_ptr, part_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, scale, window, MAX_BLOCKS,
-                   BLOCKS_PER_PART, NUM_PARTS,
+                   KEYS_PER_PART, NUM_PARTS,
                    HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr):
-    # SPLIT: this program covers blocks [part * BLOCKS_PER_PART, ...) of the context only, and leaves its
-    # unnormalised (m, l, acc) in part_ptr [B, HQ, NUM_PARTS, BLOCK_D + 2] for _combine_kernel.
+                   BLOCK_G: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   SPLIT: tl.constexpr):
+    # SPLIT: this program covers keys [part * KEYS_PER_PART, ...) of the context only (a multiple of TILE), and
+    # leaves its unnormalised (m, l, acc) in part_ptr [B, HQ, NUM_PARTS, BLOCK_D + 2] for _combine_kernel.
     b, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     GROUP: tl.constexpr = HQ // HKV
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
@@ -93,16 +101,15 @@ def _decode_kernel(q_ptr, o_ptr, part_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, sca
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     first = 0
     if HAS_WINDOW:
-        first = tl.maximum(pos - window + 1, 0) // BLOCK_SIZE
-    last = pos // BLOCK_SIZE + 1
+        first = tl.maximum(pos - window + 1, 0) // TILE * TILE
+    last = pos + 1
     if SPLIT:
-        first = tl.maximum(first, part * BLOCKS_PER_PART)
-        last = tl.minimum(last, (part + 1) * BLOCKS_PER_PART)
-    for j in range(first, last):
-        block = tl.load(bt_ptr + b * MAX_BLOCKS + j)
-        key_pos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dmask, kv_head,
-                                      scale, window, HKV, HEAD_DIM, BLOCK_SIZE, HAS_WINDOW)
+        first = tl.maximum(first, part * KEYS_PER_PART)
+        last = tl.minimum(last, (part + 1) * KEYS_PER_PART)
+    for start in range(first, last, TILE):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr + b * MAX_BLOCKS, MAX_BLOCKS, start,
+                                     q_pos, d, dmask, kv_head, scale, window, HKV, HEAD_DIM, BLOCK_SIZE, TILE,
+                                     HAS_WINDOW)
     if SPLIT:
         row = ((b * HQ + heads) * NUM_PARTS + part) * (BLOCK_D + 2)
         gmask = g < GROUP
@@ -135,7 +142,7 @@ def _combine_kernel(part_ptr, o_ptr, NUM_PARTS, HQ: tl.constexpr, HEAD_DIM: tl.c
 @triton.jit
 def _prefill_kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, scale, window, MAX_BLOCKS, Q,
                     HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, HAS_WINDOW: tl.constexpr):
     b, head, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     kv_head = head // (HQ // HKV)
     m, d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_D)
@@ -150,12 +157,11 @@ def _prefill_kernel(q_ptr, o_ptr, kc_ptr, vc_ptr, bt_ptr, qpos_ptr, scale, windo
     first = 0
     if HAS_WINDOW:
         lowest = tl.min(tl.where(mmask, q_pos, 1 << 40), axis=0)
-        first = tl.maximum(lowest - window + 1, 0) // BLOCK_SIZE
-    for j in range(first, tl.max(q_pos, axis=0) // BLOCK_SIZE + 1):
-        block = tl.load(bt_ptr + b * MAX_BLOCKS + j)
-        key_pos = j * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        m_i, l_i, acc = _attend_block(q, m_i, l_i, acc, kc_ptr, vc_ptr, block, key_pos, q_pos, d, dmask, kv_head,
-                                      scale, window, HKV, HEAD_DIM, BLOCK_SIZE, HAS_WINDOW)
+        first = tl.maximum(lowest - window + 1, 0) // TILE * TILE
+    for start in range(first, tl.max(q_pos, axis=0) + 1, TILE):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr + b * MAX_BLOCKS, MAX_BLOCKS, start,
+                                     q_pos, d, dmask, kv_head, scale, window, HKV, HEAD_DIM, BLOCK_SIZE, TILE,
+                                     HAS_WINDOW)
     out = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # 0 only in masked padding rows
     tl.store(o_ptr + rows[:, None] * (HQ * HEAD_DIM) + head * HEAD_DIM + d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=qmask)
@@ -177,18 +183,20 @@ def decode_partitions(batch: int, num_kv_heads: int, max_blocks: int, min_progra
 
 
 def paged_attention(q, k, v, k_cache, v_cache, meta, scale: float, window: int | None, block_m: int = 64,
-                    min_programs: int | None = None, min_part_blocks: int = 8):
+                    min_programs: int | None = None, min_part_blocks: int = 8, keys_per_tile: int = 64):
     """Same contract as paged_attention_reference; block_size must be a power of two >= 16 (tl.dot tiles).
     min_programs: split a decode's context when fewer (sequence, KV head) programs than this would run;
-    default twice the GPU's multiprocessors, and no split in the interpreter."""
+    default twice the GPU's multiprocessors, and no split in the interpreter. keys_per_tile (a power of two
+    >= 16): keys per loop step, read from as many cache blocks as they span."""
     T, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert block_size >= 16 and block_size & (block_size - 1) == 0, "the Triton path needs block_size 16, 32, 64..."
     assert q.is_contiguous() and num_heads % num_kv_heads == 0
+    assert keys_per_tile >= 16 and keys_per_tile & (keys_per_tile - 1) == 0
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     common = dict(HQ=num_heads, HKV=num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-                  BLOCK_SIZE=block_size, HAS_WINDOW=window is not None)
+                  BLOCK_SIZE=block_size, TILE=keys_per_tile, HAS_WINDOW=window is not None)
     for g in meta.groups:
         batch, num_queries = g.shape
         args = (q[g.tokens], out[g.tokens], k_cache, v_cache, g.block_tables, g.query_positions, scale, window or 0,
@@ -198,11 +206,11 @@ def paged_attention(q, k, v, k_cache, v_cache, meta, scale: float, window: int |
             if min_programs is None:
                 min_programs = 2 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
             parts = decode_partitions(batch, num_kv_heads, args[-1], min_programs, min_part_blocks)
-            blocks_per_part = -(-args[-1] // parts)
+            keys_per_part = triton.cdiv(triton.cdiv(args[-1], parts) * block_size, keys_per_tile) * keys_per_tile
             bd = common["BLOCK_D"]
             partials = (torch.empty(batch, num_heads, parts, bd + 2, device=q.device, dtype=torch.float32)
                         if parts > 1 else out)
-            _decode_kernel[(batch, num_kv_heads, parts)](args[0], args[1], partials, *args[2:], blocks_per_part, parts,
+            _decode_kernel[(batch, num_kv_heads, parts)](args[0], args[1], partials, *args[2:], keys_per_part, parts,
                                                          BLOCK_G=group, SPLIT=parts > 1, **common)
             if parts > 1:
                 _combine_kernel[(batch, num_heads)](partials, args[1], parts, HQ=num_heads, HEAD_DIM=head_dim, BLOCK_D=bd,

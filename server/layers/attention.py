@@ -56,7 +56,8 @@ class AttentionMetadata:
                     r = torch.arange(g.tokens.start, g.tokens.stop, device=g.query_positions.device).view(batch, n)
                     rows.append(F.pad(r, (0, num_queries - n), value=-1))
                     positions.append(_pad_right(g.query_positions, num_queries))
-                    tables.append(F.pad(g.block_tables, (0, num_blocks - g.block_tables.shape[1])))
+                    # a row's own last block pads its table: block 0 might be another's, holding NaN (0 * NaN)
+                    tables.append(_pad_right(g.block_tables, num_blocks))
                 merged = AttentionGroup(torch.cat(rows), torch.cat(tables), torch.cat(positions))
                 self._merged = [g for g in self.groups if g.shape[1] == 1] + [merged]
         return self._merged

@@ -47,23 +47,27 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 16), (4, 4, 64), (8, 1, 24)])
 @pytest.mark.parametrize("window", [None, 24])
-def test_paged_attention_matches_reference(case, heads, kv_heads, head_dim, window, dtype):
+@pytest.mark.parametrize("tile", [16, 64])   # keys per loop step: one cache block, or four
+def test_paged_attention_matches_reference(case, heads, kv_heads, head_dim, window, dtype, tile):
     q, k, v, cache, meta = build_batch(CASES[case], heads, kv_heads, head_dim, dtype)
     ref_cache = cache.clone()
     ref = paged_attention_reference(q, k, v, ref_cache[0], ref_cache[1], meta, head_dim ** -0.5, window)
-    out = paged_attention(q, k, v, cache[0], cache[1], meta, head_dim ** -0.5, window, block_m=16)
+    out = paged_attention(q, k, v, cache[0], cache[1], meta, head_dim ** -0.5, window, block_m=16, keys_per_tile=tile)
     assert torch.equal(cache, ref_cache), "new K/V written to other slots than the reference writes"
     close(out, ref, dtype, scale=4)
 
 
 @pytest.mark.parametrize("dtype", DOT_DTYPES)
 @pytest.mark.parametrize("window", [None, 24])
-def test_split_context_decode_matches_reference(window, dtype):
-    # Contexts of 1 to 9 blocks, each split into pieces of 2 blocks; some pieces lie past a short context.
+@pytest.mark.parametrize("tile", [16, 64])
+def test_split_context_decode_matches_reference(window, dtype, tile):
+    # Contexts of 1 to 9 blocks, each split into pieces of 2 blocks (rounded up to a whole tile of keys); some
+    # pieces lie past a short context.
     q, k, v, cache, meta = build_batch([(1, [0, 17, 70, 140])], 8, 2, 32, dtype, num_blocks=128)
     ref_cache = cache.clone()
     ref = paged_attention_reference(q, k, v, ref_cache[0], ref_cache[1], meta, 0.2, window)
-    out = paged_attention(q, k, v, cache[0], cache[1], meta, 0.2, window, min_programs=64, min_part_blocks=2)
+    out = paged_attention(q, k, v, cache[0], cache[1], meta, 0.2, window, min_programs=64, min_part_blocks=2,
+                          keys_per_tile=tile)
     close(out, ref, dtype, scale=4)
 
 
@@ -96,6 +100,26 @@ def test_decode_attends_only_to_keys_up_to_its_position():
     cache[1, block_table[1], 5:] = 1e4   # positions 21..31, after the query at 20
     out = paged_attention(q, k, v, cache[0], cache[1], meta, 0.25, None)
     assert out.abs().max() < 100
+
+
+@pytest.mark.parametrize("case", ["decode", "mixed"])
+def test_a_tile_reads_no_block_outside_the_table(case):
+    # Every block no table names holds NaN, and tables are padded with a zeroed block (as the engine pads
+    # them). A 64-key tile runs past a short table's end: what lies beyond must not be read.
+    q, k, v, cache, meta = build_batch(CASES[case], 4, 2, 16, torch.float32)
+    tables = [g.block_tables for g in meta.groups]
+    pad = next(b for b in range(1, cache.shape[1]) if not any((t == b).any() for t in tables))
+    for t in tables:
+        t[t == 0] = pad   # build_batch pads with block 0 (a block that then holds NaN unless a row owns it)
+    used = torch.cat([t.flatten() for t in tables]).unique()
+    unused = torch.ones(cache.shape[1], dtype=torch.bool)
+    unused[used] = False
+    cache[:, unused] = float("nan")
+    cache[:, pad] = 0
+    ref = paged_attention_reference(q, k, v, cache[0].clone(), cache[1].clone(), meta, 0.25, None)
+    out = paged_attention(q, k, v, cache[0], cache[1], meta, 0.25, None, keys_per_tile=64)
+    assert ref.isfinite().all()
+    close(out, ref, torch.float32, scale=4)
 
 
 @pytest.mark.parametrize("window", [None, 24])

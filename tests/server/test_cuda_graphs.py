@@ -145,3 +145,19 @@ def test_a_graph_that_differs_from_eager_is_dropped_at_start(llama, monkeypatch,
     with caplog.at_level("ERROR", logger="lmserve.engine"):
         assert cuda_graphs.build_decode_graphs(*args) is None
     assert "differs from the eager forward" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
+def test_on_a_gpu_graph_decoding_equals_eager_decoding(llama):
+    prompts = random_prompts(5, [3, 9, 17, 33], seed=12)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+    def decode(**kw):
+        engine = make_engine(llama, kv_cache_tokens=2048, device="cuda", max_batch_size=8, **kw)
+
+        async def main():
+            return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+        return engine, [tokens for tokens, _, _ in run(main())]
+    graphed, with_graphs = decode()
+    assert graphed.runner.decode_graphs is not None, "capture failed or differed from eager: see the log"
+    assert with_graphs == decode(enforce_eager=True)[1]
