@@ -8,7 +8,9 @@ GPTQ (as auto-gptq writes it), bits 4 or 8, pack = 32 // bits values per int32, 
 Both accumulate in float32. M = 1 (batch-1 decode) takes a GEMV kernel. 2 <= M <= 8 (small decode
 batches) takes the tl.dot kernel with one 16-row tile holding every row of x, split along K, so each weight
 is read and dequantized once for all rows; larger M the same kernel tiled over M, unsplit. Autotune keys
-round M up to a power of two, so a batch that grows by one does not retune.
+round M up to a power of two, so a batch that grows by one does not retune. For M <= 8 the autotuner also
+chooses how GPTQ words are unpacked: element by element (a gather that reads each word PACK times) or word
+by word (each loaded once and shifted PACK times against x's every PACK-th input channel).
 
 Plain grouping (g_idx[k] == k // group_size) is the fast path: the caller passes group_size and the kernels
 compute groups instead of gathering them, and the GEMV reads each packed word's scale and zero once, storing
@@ -124,6 +126,30 @@ def _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, k0, offs_k, offs_n, N, K,
         return tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask, other=0).to(tl.float32)
 
 
+@triton.jit
+def _word_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, N, K, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """GPTQ with plain grouping, input channels k0 .. k0 + BLOCK_K as their packed words, each loaded once:
+    (rows [W], row mask, words [W, BLOCK_N] int32, scale and zero [W or 1, BLOCK_N] float32), W = BLOCK_K / PACK.
+    A word never straddles two groups, so each has one scale and zero per column."""
+    PACK: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    rows = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    r_mask = rows < K // PACK
+    mask = r_mask[:, None] & n_mask[None, :]
+    words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    if GROUP_SIZE % BLOCK_K == 0:   # the tile lies in one group: one scale and zero per column
+        g = k0 // GROUP_SIZE
+        scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        zword = tl.load(z_ptr + g * (N // PACK) + offs_n // PACK, mask=n_mask, other=0)[None, :]
+    else:
+        g = rows * PACK // GROUP_SIZE
+        scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        zword = tl.load(z_ptr + g[:, None] * (N // PACK) + offs_n[None, :] // PACK, mask=mask, other=0)
+    zero = (((zword >> ((offs_n[None, :] % PACK) * BITS)) + ZERO_OFFSET) & MAXQ).to(tl.float32)
+    return rows, r_mask, words, scale, zero
+
+
 def _gemv_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2})]
@@ -221,21 +247,8 @@ def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
         WORDS: tl.constexpr = BLOCK_K // PACK
         acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
         for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-            rows = k0 // PACK + tl.arange(0, WORDS)     # packed rows; a word never straddles two groups
-            r_mask = rows < K // PACK
-            words = tl.load(w_ptr + rows[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
-                            other=0)
-            if GROUP_SIZE % BLOCK_K == 0:   # the tile lies in one group: one scale and zero per column
-                g = k0 // GROUP_SIZE
-                scale = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-                zword = tl.load(z_ptr + g * (N // PACK) + offs_n // PACK, mask=n_mask, other=0)[None, :]
-            else:
-                g = rows * PACK // GROUP_SIZE
-                scale = tl.load(s_ptr + g[:, None] * N + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :],
-                                other=0.0).to(tl.float32)
-                zword = tl.load(z_ptr + g[:, None] * (N // PACK) + offs_n[None, :] // PACK,
-                                mask=r_mask[:, None] & n_mask[None, :], other=0)
-            zero = (((zword >> ((offs_n[None, :] % PACK) * BITS)) + ZERO_OFFSET) & MAXQ).to(tl.float32)
+            rows, r_mask, words, scale, zero = _word_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, N, K, BITS,
+                                                          ZERO_OFFSET, GROUP_SIZE, BLOCK_K)
             # sum_j x_j * s * (q_j - z) = s * (sum_j x_j * q_j - z * sum_j x_j), per word
             xq = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
             xsum = tl.zeros((WORDS,), dtype=tl.float32)
@@ -258,8 +271,9 @@ def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
 
 def _tiled_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1})]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=nw, num_stages=ns)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1, "UNPACK_WORDS": False})]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "UNPACK_WORDS": False},
+                          num_warps=nw, num_stages=ns)
             for bm, bn, bk, nw, ns in [(16, 64, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 64, 4, 3),
                                        (64, 128, 32, 4, 3), (128, 128, 32, 8, 3), (128, 64, 64, 4, 3),
                                        (128, 256, 32, 8, 3)]]
@@ -267,31 +281,51 @@ def _tiled_configs():
 
 def _skinny_configs():
     # Every row of x in one 16-row tile (tl.dot's least); the N strips alone are too few programs to keep a
-    # GPU's memory busy, so K is split as in the GEMVs. Not yet timed on a GPU.
+    # GPU's memory busy, so K is split as in the GEMVs. Not yet timed on a GPU. GPTQ layers also get each
+    # tile unpacked word by word (UNPACK_WORDS; its dots need BLOCK_K / PACK >= 16), and the autotuner picks.
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2})]
-    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw, num_stages=ns)
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "UNPACK_WORDS": False})]
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_WORDS": words},
+                          num_warps=nw, num_stages=ns)
             for bn, bk, sk, nw, ns in [(32, 128, 4, 4, 3), (64, 128, 2, 4, 3), (64, 128, 4, 4, 3),
                                        (64, 256, 2, 4, 3), (128, 128, 2, 8, 3), (32, 256, 4, 4, 4),
-                                       (64, 64, 8, 4, 4), (128, 64, 4, 4, 4), (32, 512, 2, 4, 3)]]
+                                       (64, 64, 8, 4, 4), (128, 64, 4, 4, 4), (32, 512, 2, 4, 3)]
+            for words in ((False, True) if bk >= 128 else (False,))]
+
+
+def _unpacking_for_gptq_only(configs, named_args, **_):
+    return configs if named_args["GPTQ"] else [c for c in configs if not c.kwargs["UNPACK_WORDS"]]
 
 
 @triton.jit
 def _dot_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
                 GPTQ: tl.constexpr, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                UNPACK_WORDS: tl.constexpr):
     # A [BLOCK_M, BLOCK_N] tile of y over a 1/SPLIT_K share of K; split programs add into y (zeroed).
+    # UNPACK_WORDS (GPTQ, plain grouping): each packed word is loaded once and its PACK values go into PACK
+    # dots against x's every PACK-th column, instead of gathering a [BLOCK_K, BLOCK_N] tile element by element.
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, k0, offs_k, offs_n, N, K, GPTQ, BITS, ZERO_OFFSET, GROUP_SIZE,
-                         BLOCK_K)
-        acc += tl.dot(x, w.to(x.dtype))
+        if UNPACK_WORDS:
+            MAXQ: tl.constexpr = (1 << BITS) - 1
+            rows, r_mask, words, scale, zero = _word_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, offs_n < N, N, K, BITS,
+                                                          ZERO_OFFSET, GROUP_SIZE, BLOCK_K)
+            for j in tl.static_range(32 // BITS):
+                x = tl.load(x_ptr + offs_m[:, None] * K + rows[None, :] * (32 // BITS) + j,
+                            mask=(offs_m[:, None] < M) & r_mask[None, :], other=0.0)
+                w = (((words >> (j * BITS)) & MAXQ).to(tl.float32) - zero) * scale
+                acc += tl.dot(x, w.to(x.dtype))
+        else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            w = _weight_tile(w_ptr, s_ptr, z_ptr, g_ptr, k0, offs_k, offs_n, N, K, GPTQ, BITS, ZERO_OFFSET,
+                             GROUP_SIZE, BLOCK_K)
+            acc += tl.dot(x, w.to(x.dtype))
     if not GPTQ:
         acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y_offs = offs_m[:, None] * N + offs_n[None, :]
@@ -304,6 +338,7 @@ def _dot_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
 
 _tiled_kernel = triton.autotune(configs=_tiled_configs(), key=["M_BUCKET", "N", "K"])(_dot_kernel)
 _skinny_kernel = triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "N", "K"], reset_to_zero=["y_ptr"],
+                                 prune_configs_by={"early_config_prune": _unpacking_for_gptq_only},
                                  **_GRAPH_TUNED)(_dot_kernel)
 
 

@@ -133,3 +133,19 @@ def test_gemv_output_is_zeroed_by_the_configs_that_split_k(monkeypatch):
     x = torch.randn(1, 256, device=DEVICE)
     for _ in range(2):   # the first call autotunes, the second runs the chosen config alone
         close(gptq_matmul(x, **tensors, bits=4, group_size=64), x @ dense, torch.float32, scale=4)
+
+
+@pytest.mark.parametrize("unpack_words", [False, True])
+@pytest.mark.parametrize("bits,group_size,block_k", [(4, 64, 128), (4, 256, 128), (4, 128, 256), (8, 64, 64)])
+def test_both_small_batch_unpackings_match(unpack_words, bits, group_size, block_k):
+    # The autotuner picks either way for GPTQ layers at 2 <= M <= 8: both are checked, K split in two,
+    # with tiles over several groups and inside one; N = 40 leaves a partial strip.
+    from kernels.quant_matmul import _skinny_kernel
+    K, N, M = 512, 40, 5
+    tensors, dense = random_gptq(K, N, bits, group_size, False)
+    x = torch.randn(M, K, device=DEVICE, dtype=torch.float16)
+    y = torch.zeros(M, N, device=DEVICE, dtype=torch.float16)
+    _skinny_kernel.fn[(1, triton.cdiv(N, 16), 2)](
+        x, y, tensors["qweight"], tensors["scales"], tensors["qzeros"], tensors["g_idx"], M, N, K, 8, True, bits, 1,
+        group_size, BLOCK_M=16, BLOCK_N=16, BLOCK_K=block_k, SPLIT_K=2, UNPACK_WORDS=unpack_words)
+    close(y, (x.float() @ dense).half(), torch.float16, scale=4)
