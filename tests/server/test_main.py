@@ -105,6 +105,12 @@ def test_every_flag_is_in_help_and_in_the_readme():
     assert flags and all(f"`{flag}" in readme for flag in flags), flags
 
 
+def test_enforce_eager_reaches_the_engine_config():
+    from server.__main__ import engine_config, parse_args
+    assert engine_config(parse_args(["--enforce-eager"])).enforce_eager
+    assert not engine_config(parse_args([])).enforce_eager
+
+
 def test_bad_flag_value_exits_with_a_message():
     proc = subprocess.run([sys.executable, "-m", "server", "--max-batch-size", "0"], cwd=ROOT,
                           capture_output=True, text=True)
