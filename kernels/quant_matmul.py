@@ -283,10 +283,12 @@ def _skinny_configs():
     # Every row of x in one 16-row tile (tl.dot's least); the N strips alone are too few programs to keep a
     # GPU's memory busy, so K is split as in the GEMVs. Not yet timed on a GPU. GPTQ layers also get each
     # tile unpacked word by word (UNPACK_WORDS; its dots need BLOCK_K / PACK >= 16), and the autotuner picks.
+    # Every config splits K, so each zeroes y (as the GEMV's split configs do).
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "UNPACK_WORDS": False})]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2, "UNPACK_WORDS": False},
+                              pre_hook=_zero_y)]
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_WORDS": words},
-                          num_warps=nw, num_stages=ns)
+                          num_warps=nw, num_stages=ns, pre_hook=_zero_y)
             for bn, bk, sk, nw, ns in [(32, 128, 4, 4, 3), (64, 128, 2, 4, 3), (64, 128, 4, 4, 3),
                                        (64, 256, 2, 4, 3), (128, 128, 2, 8, 3), (32, 256, 4, 4, 4),
                                        (64, 64, 8, 4, 4), (128, 64, 4, 4, 4), (32, 512, 2, 4, 3)]
@@ -337,7 +339,7 @@ def _dot_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, g_ptr, M, N, K, M_BUCKET,
 
 
 _tiled_kernel = triton.autotune(configs=_tiled_configs(), key=["M_BUCKET", "N", "K"])(_dot_kernel)
-_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "N", "K"], reset_to_zero=["y_ptr"],
+_skinny_kernel = triton.autotune(configs=_skinny_configs(), key=["M_BUCKET", "N", "K"],
                                  prune_configs_by={"early_config_prune": _unpacking_for_gptq_only},
                                  **_GRAPH_TUNED)(_dot_kernel)
 
@@ -356,7 +358,7 @@ def _launch(x, w, scales, qzeros, g_idx, N, gptq: bool, bits: int, zero_offset: 
         else:
             _gemv_int8_kernel[grid](x2, y, w, scales, M, N, K, m_bucket)
     elif M <= GEMV_MAX_M and plain:
-        y = torch.zeros(M, N, device=x.device, dtype=x.dtype)
+        y = torch.empty(M, N, device=x.device, dtype=x.dtype)   # zeroed by the configs (pre_hook)
         grid = lambda meta: (1, triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         _skinny_kernel[grid](x2, y, w, scales, qzeros, g_idx, M, N, K, m_bucket, gptq, bits, zero_offset,
                              group_size or 0)

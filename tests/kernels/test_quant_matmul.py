@@ -125,12 +125,13 @@ def test_both_gemv_unpackings_match(unpack_words, bits, group_size, block_k):
     close(y, x @ dense, torch.float32, scale=4)
 
 
-def test_gemv_output_is_zeroed_by_the_configs_that_split_k(monkeypatch):
+@pytest.mark.parametrize("M", [1, 5])   # the GEMV, and the small-batch kernel (whose configs all split)
+def test_output_is_zeroed_by_the_configs_that_split_k(monkeypatch, M):
     # y is allocated uninitialised (here: NaN) and zeroed only by split configs: nothing of it may show.
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: real_empty(*a, **kw).fill_(float("nan")))
     tensors, dense = random_gptq(256, 48, 4, 64, False)
-    x = torch.randn(1, 256, device=DEVICE)
+    x = torch.randn(M, 256, device=DEVICE)
     for _ in range(2):   # the first call autotunes, the second runs the chosen config alone
         close(gptq_matmul(x, **tensors, bits=4, group_size=64), x @ dense, torch.float32, scale=4)
 
