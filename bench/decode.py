@@ -101,7 +101,8 @@ def format_report(r: DecodeReport) -> str:
 
 async def main(args) -> DecodeReport:
     engine = AsyncEngine(EngineConfig(model=args.model, quant=args.quant, dtype=args.dtype, quant_group_size=args.group_size,
-                                      max_batch_size=max(args.batch, 1), max_wait_ms=0, enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+                                      max_batch_size=max(args.batch, 1), max_wait_ms=0, enable_prefix_caching=False,
+                                      enforce_eager=args.enforce_eager,
                                       kv_cache_tokens=args.batch * (args.prompt_tokens + args.output_tokens + 64),
                                       max_model_len=args.prompt_tokens + args.output_tokens + 16))
     try:

@@ -95,8 +95,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed, quant=args.quant,
         quant_group_size=args.quant_group_size, kernels=args.kernels, enforce_eager=args.enforce_eager,
         loras=_lora_flags(args.lora), lora_dir=args.lora_dir, max_loras=args.max_loras,
-        max_lora_rank=args.max_lora_rank, max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
-        log_requests=args.log_requests)
+        max_lora_rank=args.max_lora_rank, max_queued_requests=args.max_queued_requests,
+        request_timeout=args.request_timeout, log_requests=args.log_requests)
 
 
 def _lora_flags(values: list[str]) -> list[tuple[str, str]]:

@@ -110,10 +110,11 @@ class DecodeGraphs:
         """Replays each size on inputs unlike the capture's and compares with the eager forward on them;
         returns the largest difference relative to the output's scale. Nothing is written to the cache."""
         worst = 0.0
-        vocab, max_pos = self.model.config.vocab_size, self.max_blocks
+        vocab = self.model.config.vocab_size
         for bs in sizes:
             self.input_ids[:bs].copy_(torch.arange(1, bs + 1) * 7919 % vocab)
-            self.positions[:bs].copy_(torch.arange(bs) * 13 % max_pos)
+            # positions below max_blocks are below max_model_len; every key they see is in the padding block
+            self.positions[:bs].copy_(torch.arange(bs) * 13 % self.max_blocks)
             self.slot_mapping[:bs].fill_(-1)
             self.block_tables[:bs].fill_(self.pad_block)
             self._forward(bs)

@@ -121,7 +121,8 @@ class AsyncEngine:
         bnb = config.quant in ("bnb-int8", "nf4")
         if self.device.type == "cuda" and self.model.ops.name == "triton" and not bnb and not config.enforce_eager:
             self.runner.decode_graphs = build_decode_graphs(self.model, kv_caches, config.max_batch_size,
-                                                            self.max_model_len, config.block_size, self.runner.pad_block)
+                                                            self.max_model_len, config.block_size,
+                                                            self.runner.pad_block)
         self.metrics = EngineMetrics(self.model_name, self._metrics_state)
         self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
         self._rng = random.Random(config.seed)

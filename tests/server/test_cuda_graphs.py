@@ -1,6 +1,6 @@
 """DecodeGraphs on the CPU: the static buffers, padding and routing around the graphs, with each "graph"
 replaying by running the captured forward again on the same buffers (CUDA graphs need a GPU; on one,
-build_decode_graphs also checks each captured size against the eager forward at start)."""
+build_decode_graphs also checks the smallest and largest graph against the eager forward at start)."""
 import asyncio
 
 import pytest
@@ -113,8 +113,8 @@ def test_a_padded_replay_equals_the_eager_forward_and_writes_only_its_rows(llama
     positions = torch.tensor([[40], [17], [9]])
     slots = tables[torch.arange(3), positions[:, 0] // 16] * 16 + positions[:, 0] % 16
     ids = torch.tensor([11, 12, 13])
-    batch = PreparedBatch(ids, positions.view(-1), AttentionMetadata(slots, [AttentionGroup(slice(0, 3), tables, positions)]),
-                          torch.arange(3), [], [], [], None)
+    meta = AttentionMetadata(slots, [AttentionGroup(slice(0, 3), tables, positions)])
+    batch = PreparedBatch(ids, positions.view(-1), meta, torch.arange(3), [], [], [], None)
     assert graphs.serves(batch)
     with torch.inference_mode():
         hidden = graphs.run(batch).clone()
@@ -135,11 +135,10 @@ class ReplayNothing(ReplayByRerun):
         pass
 
 
-def test_a_graph_that_differs_from_eager_is_dropped_at_start(llama, monkeypatch, caplog):
+def test_a_graph_that_differs_from_eager_is_dropped_at_start(llama, rerun_graphs, monkeypatch, caplog):
     engine = make_engine(llama, kv_cache_tokens=2048, enforce_eager=True)
     runner = engine.runner
     args = (engine.model, runner.kv_caches, 4, engine.max_model_len, runner.block_size, runner.pad_block)
-    monkeypatch.setattr(cuda_graphs, "capture_graph", lambda forward, pool: ReplayByRerun(forward))
     assert cuda_graphs.build_decode_graphs(*args).sizes == [1, 2, 4]
     monkeypatch.setattr(cuda_graphs, "capture_graph", lambda forward, pool: ReplayNothing(forward))
     with caplog.at_level("ERROR", logger="lmserve.engine"):
