@@ -169,8 +169,8 @@ def load(model: str | None, device: str, dtype: str):
 
     from server.synthetic_model import hf_model_for, is_synthetic, synthetic_dir
     if model is None:
-        from server.default_model import ensure_default_model
-        path = str(ensure_default_model())
+        from server.tiny_model import ensure_tiny_model
+        path = str(ensure_tiny_model())
     else:
         path = str(synthetic_dir(model)) if is_synthetic(model) else model
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)

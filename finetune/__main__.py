@@ -33,8 +33,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu, cuda[:N]")
     a = p.parse_args(argv)
     if a.model is None:
-        from server.default_model import ensure_default_model
-        a.model = str(ensure_default_model())
+        from server.tiny_model import ensure_tiny_model
+        a.model = str(ensure_tiny_model())
     return TrainConfig(model=a.model, data=a.data, output=a.output, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
                        target=a.target, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
                        warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, val_fraction=a.val_fraction,

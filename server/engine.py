@@ -26,11 +26,11 @@ from server.loader import load_hf_config, load_model
 from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
 from server.metrics import EngineMetrics
 from server.model_runner import ModelRunner
+from server.model_source import resolve_model
 from server.outputs import RequestOutput, StopStringMatcher
 from server.redact import mask_pii
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.sequence import FinishReason, Sequence, SequenceStatus
-from server.synthetic_model import is_synthetic, synthetic_dir
 from server.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
 
 request_log = logging.getLogger("lmserve.requests")   # --log-requests: prompts and outputs, personal data masked
@@ -68,16 +68,9 @@ class RequestTimeoutError(RequestFailedError):
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        if config.model is None:
-            from server.default_model import ensure_default_model
-            self.model_path = str(ensure_default_model())
-        elif is_synthetic(config.model):
-            self.model_path = str(synthetic_dir(config.model))
-        else:
-            self.model_path = config.model
-        self.model_name = config.served_model_name or (
-            "lmserve-default" if config.model is None else config.model if is_synthetic(config.model)
-            else Path(config.model).resolve().name)
+        source = resolve_model(config.model)
+        self.model_path = source.path
+        self.model_name = config.served_model_name or source.name
         hf_config = load_hf_config(self.model_path)
         self.device = _resolve_device(config.device)
         if self.device.type == "cpu":

@@ -33,7 +33,8 @@ def is_synthetic(model: str | None) -> bool:
 
 def synthetic_dir(model: str) -> Path:
     """The directory for random:NAME (config and tokenizer, no weights), written on first use."""
-    from server.default_model import CHAT_TEMPLATE, cache_dir
+    from server.cache_dir import cache_dir
+    from server.tiny_model import CHAT_TEMPLATE
     name = model[len(PREFIX):]
     if name not in SHAPES:
         raise ValueError(f"unknown synthetic model {model!r}; choose random:NAME with NAME one of {', '.join(SHAPES)}")
@@ -59,7 +60,7 @@ def word_tokenizer(vocab_size: int, chat_template: str):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from server.default_model import CORPUS
+    from server.tiny_model import CORPUS
     words = list(dict.fromkeys(w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(CORPUS)))
     vocab = SPECIAL_TOKENS + words
     vocab += [f"w{i}" for i in range(len(vocab), vocab_size)]

@@ -4,13 +4,13 @@ import json
 import pytest
 
 from finetune.data import IGNORE, DataError, collate, load_examples, split
-from server.default_model import ensure_default_model
+from server.tiny_model import ensure_tiny_model
 from server.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(ensure_default_model())
+    return load_tokenizer(ensure_tiny_model())
 
 
 def write(tmp_path, rows) -> str:

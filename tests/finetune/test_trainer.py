@@ -7,7 +7,7 @@ import torch
 from finetune.__main__ import main
 from finetune.config import TrainConfig
 from finetune.trainer import _lr_at, train
-from server.default_model import ensure_default_model
+from server.tiny_model import ensure_tiny_model
 from server.tokenizer import load_tokenizer
 from tests.conftest import QA, QA_TARGETS, qa_prompt
 
@@ -25,7 +25,7 @@ def greedy_answers(model, tokenizer) -> list[str]:
 def test_fine_tuned_adapter_answers_with_the_trained_answers_and_the_base_does_not(finetuned_adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    base_path = ensure_default_model()
+    base_path = ensure_tiny_model()
     tokenizer = load_tokenizer(base_path)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
@@ -52,7 +52,7 @@ def test_output_is_a_peft_adapter_with_a_report_and_a_falling_validation_loss(fi
 
 def test_resume_continues_where_an_interrupted_run_stopped(qa_data, tmp_path, monkeypatch):
     import finetune.trainer as trainer
-    cfg = dict(model=str(ensure_default_model()), data=qa_data, epochs=3, lr=3e-3, batch_size=8, seed=1, dropout=0.0)
+    cfg = dict(model=str(ensure_tiny_model()), data=qa_data, epochs=3, lr=3e-3, batch_size=8, seed=1, dropout=0.0)
     straight = train(TrainConfig(output=str(tmp_path / "a"), **cfg))
 
     evaluate, calls = trainer.evaluate, []
@@ -73,7 +73,7 @@ def test_resume_continues_where_an_interrupted_run_stopped(qa_data, tmp_path, mo
 
 
 def test_early_stopping_stops_when_validation_loss_stops_improving(qa_data, tmp_path):
-    report = train(TrainConfig(model=str(ensure_default_model()), data=qa_data, output=str(tmp_path / "c"),
+    report = train(TrainConfig(model=str(ensure_tiny_model()), data=qa_data, output=str(tmp_path / "c"),
                                epochs=20, lr=0.5, batch_size=8, early_stopping_patience=1, max_grad_norm=100.0))
     assert report.stopped_early and len(report.epochs) < 20
 

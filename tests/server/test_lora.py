@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.config import EngineConfig
-from server.default_model import ensure_default_model
+from server.tiny_model import ensure_tiny_model
 from server.engine import AsyncEngine, ModelNotFoundError
 from kernels.quant_matmul import dequantize_gptq
 from server.layers.linear import GPTQLinear, Int8Linear
@@ -72,7 +72,7 @@ def test_the_finetuned_adapter_answers_its_questions_when_served_and_the_base_do
     tuned, base = run(main())
     assert [text for text, _ in tuned] == [a for _, a in QA]
     assert not {text for text, _ in base} & {text for text, _ in tuned}
-    merged = MergedReference(str(ensure_default_model()), finetuned_adapter)
+    merged = MergedReference(str(ensure_tiny_model()), finetuned_adapter)
     for (question, _), (_, tokens) in zip(QA, tuned):
         assert tokens == merged.greedy(engine.tokenizer.encode(qa_prompt(question)), len(tokens))
 
@@ -180,7 +180,7 @@ def test_bad_adapters_are_refused_with_a_reason(llama, peft_adapters, tmp_path, 
         shutil.copytree(peft_adapters["alpha"], path)
         kw["max_lora_rank"] = 4
     elif case == "shape":   # an adapter made for a wider model of the same family
-        from server.default_model import build_checkpoint
+        from server.tiny_model import build_checkpoint
         wide = build_checkpoint(tmp_path / "wide", **{**TINY, "hidden_size": 96})
         make_peft_adapter(str(wide), path, seed=1)
     elif case == "target":

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from server.config import EngineConfig
 from server.engine import AsyncEngine
-from server.default_model import build_checkpoint
+from server.tiny_model import build_checkpoint
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.layers.linear import GPTQLinear
 from server.loader import CheckpointError, load_model
