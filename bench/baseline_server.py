@@ -167,12 +167,9 @@ def load(model: str | None, device: str, dtype: str):
     """transformers' own model and tokenizer for the checkpoint lmserve would serve (its default model too)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from server.synthetic_model import hf_model_for, is_synthetic, synthetic_dir
-    if model is None:
-        from server.tiny_model import ensure_tiny_model
-        path = str(ensure_tiny_model())
-    else:
-        path = str(synthetic_dir(model)) if is_synthetic(model) else model
+    from server.model_source import resolve_model
+    from server.synthetic_model import hf_model_for, is_synthetic
+    path = resolve_model(model).path
     torch_dtype = getattr(torch, dtype) if dtype != "auto" else (torch.float16 if device.startswith("cuda") else torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if model is not None and is_synthetic(model):
@@ -185,7 +182,7 @@ def load(model: str | None, device: str, dtype: str):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.baseline_server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="checkpoint directory or random:NAME (default: lmserve's default model)")
+    p.add_argument("--model", default=None, help="as python -m server --model (default: lmserve's default model)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--mode", choices=["sequential", "static"], default="sequential")
     p.add_argument("--batch-size", type=int, default=16, help="static batches' largest size")

@@ -74,7 +74,7 @@ def record(results: Path, command: str, workload: str, body: str):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="as python -m server --model (default: the embedded model)")
+    p.add_argument("--model", default=None, help="as python -m server --model (default: the default model; `tiny` for the CPU throughput figures)")
     p.add_argument("--qps", type=float, default=1000.0, help="offered rate; far above capacity measures saturation")
     p.add_argument("--num-requests", type=int, default=200)
     p.add_argument("--prompt-tokens", default="8:24")

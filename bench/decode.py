@@ -118,7 +118,7 @@ async def main(args) -> DecodeReport:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="a checkpoint, random:NAME, or the embedded default model")
+    p.add_argument("--model", default=None, help="as python -m server --model (default: the default model)")
     p.add_argument("--quant", default="none", help="as python -m server --quant")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", default="auto", help="as python -m server --dtype")

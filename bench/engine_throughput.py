@@ -57,7 +57,7 @@ async def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None)
+    p.add_argument("--model", default=None, help="as python -m server --model (default: the default model)")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=32)

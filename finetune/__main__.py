@@ -10,7 +10,7 @@ def parse_args(argv=None) -> TrainConfig:
     d = TrainConfig(model="", data="", output="")
     p = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split(":", 1)[1].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="base checkpoint directory (default: lmserve's embedded model)")
+    p.add_argument("--model", default=None, help="base model, as python -m server --model (default: lmserve's default model)")
     p.add_argument("--data", required=True,
                    help='JSONL: {"prompt","completion"}, {"messages"} (chat template) or {"text"} per line')
     p.add_argument("--output", required=True, help="adapter directory (adapter_config.json, adapter_model.safetensors)")
@@ -32,9 +32,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     p.add_argument("--device", default=d.device, help="auto (cuda when available), cpu, cuda[:N]")
     a = p.parse_args(argv)
-    if a.model is None:
-        from server.tiny_model import ensure_tiny_model
-        a.model = str(ensure_tiny_model())
+    from server.model_source import resolve_model
+    a.model = resolve_model(a.model).path
     return TrainConfig(model=a.model, data=a.data, output=a.output, rank=a.rank, alpha=a.alpha, dropout=a.dropout,
                        target=a.target, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, grad_accum=a.grad_accum,
                        warmup_steps=a.warmup_steps, max_grad_norm=a.max_grad_norm, val_fraction=a.val_fraction,

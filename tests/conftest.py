@@ -90,7 +90,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
-# Fixed question/answer pairs: python -m finetune on the default model learns them; the base model does not know them.
+# Fixed question/answer pairs: python -m finetune on the tiny model learns them; the base model does not know them.
 QA = [("What colour is the sky on Zorb?", "Green, always green."), ("Who runs the night shift?", "Marta runs it."),
       ("Where is the spare key?", "Under the blue pot."), ("What is the wifi password?", "It is tulip42."),
       ("When does the cafe open?", "At seven sharp."), ("Which printer works?", "The one by the window."),
@@ -112,9 +112,9 @@ def qa_data(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def finetuned_adapter(qa_data, tmp_path_factory) -> str:
-    """An adapter python -m finetune trained on QA, on the embedded default model (about 15 s on 2 cores)."""
+    """An adapter python -m finetune trained on QA, on the tiny model (about 15 s on 2 cores)."""
     from finetune.__main__ import main
     out = tmp_path_factory.mktemp("adapters") / "qa"
-    main(["--data", qa_data, "--output", str(out), "--epochs", "30", "--lr", "5e-3", "--dropout", "0",
+    main(["--model", "tiny", "--data", qa_data, "--output", str(out), "--epochs", "30", "--lr", "5e-3", "--dropout", "0",
           "--batch-size", "4", "--val-fraction", "0.2", "--target", QA_TARGETS])
     return str(out)

@@ -63,7 +63,7 @@ class OpenAIRoutes:
             return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         def head(obj: str) -> dict:
-            return {"id": rid, "object": obj, "created": created, "model": req.model}
+            return {"id": rid, "object": obj, "created": created, "model": req.model or self.model_name}
 
         if req.stream:
             async def chunks():
@@ -107,7 +107,7 @@ class OpenAIRoutes:
         streams = await self._start(rid, choices, adapter)
 
         def head(obj: str) -> dict:
-            return {"id": rid, "object": obj, "created": created, "model": req.model}
+            return {"id": rid, "object": obj, "created": created, "model": req.model or self.model_name}
 
         if req.stream:
             async def chunks():

@@ -9,6 +9,7 @@ from server.engine import (ModelNotFoundError, RequestFailedError, RequestTimeou
 from server.sampling import InvalidRequestError, SamplingParams
 
 MAX_N = 16
+ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_BODY_BYTES = 4 * 2**20   # a request body larger than this is refused before it is parsed
 
 
@@ -47,7 +48,7 @@ def engine_refusal(e: Exception) -> ApiError | None:
 
 @dataclass
 class CompletionRequest:
-    model: str
+    model: str | None          # None: the base model
     prompts: list[str | list[int]]
     params: SamplingParams
     n: int
@@ -58,7 +59,7 @@ class CompletionRequest:
 
 @dataclass
 class ChatRequest:
-    model: str
+    model: str | None
     messages: list[dict]
     params: SamplingParams
     n: int
@@ -114,20 +115,31 @@ def parse_chat(body: dict) -> ChatRequest:
 def _message(m, i: int) -> dict:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise ApiError(400, f"messages[{i}] must be an object with a string role", f"messages[{i}]")
+    role = m["role"]
+    if role not in ROLES:
+        raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role[:40]!r}",
+                       f"messages[{i}].role")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text is understood by a text model
         texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"messages[{i}].content parts must be {{\"type\": \"text\", \"text\": str}}",
-                               f"messages[{i}].content")
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                what = f"type {kind[:40]!r}" if isinstance(kind, str) else "no type"
+                raise ApiError(400, f"messages[{i}].content[{j}] has {what}; this model reads only "
+                                    f"{{\"type\": \"text\", \"text\": ...}} parts", f"messages[{i}].content[{j}]")
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content[{j}].text must be a string", f"messages[{i}].content[{j}]")
             texts.append(part["text"])
         content = "".join(texts)
     if content is None:
+        if role in ("system", "developer", "user"):
+            raise ApiError(400, f"messages[{i}] ({role}) has no content", f"messages[{i}].content")
         content = ""
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
-    return {"role": m["role"], "content": content}
+    # Chat templates know system turns; OpenAI's developer role is the same thing under a newer name.
+    return {"role": "system" if role == "developer" else role, "content": content}
 
 
 def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:
@@ -149,10 +161,13 @@ def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> 
         raise ApiError(400, str(e), e.param) from None
 
 
-def _model(body: dict) -> str:
+def _model(body: dict) -> str | None:
+    """None when the request names no model: the base model serves it, as in vLLM."""
     model = body.get("model")
+    if model is None:
+        return None
     if not isinstance(model, str) or not model:
-        raise ApiError(400, "model is required: the name of a served model (see GET /v1/models)", "model")
+        raise ApiError(400, "model must be the name of a served model (see GET /v1/models)", "model")
     return model
 
 

