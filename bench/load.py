@@ -87,7 +87,8 @@ async def run_load(options: LoadOptions) -> tuple[dict, list[RequestRecord]]:
         after = await _fetch(metrics_url)
     finally:
         await client.close()
-    report = {"options": asdict(options), "client": summarize(records, options.qps),
+    report = {"options": asdict(options), "model": {"base": base, "sent": models},
+              "client": summarize(records, options.qps),
               "server": server_delta(before, after) if before and after else None}
     return report, records
 

@@ -131,7 +131,9 @@ def server_delta(before_text: str, after_text: str) -> dict:
 # --- printing -------------------------------------------------------------------------------------
 def format_report(report: dict) -> str:
     c = report["client"]
-    lines = [
+    lines = [f"model      {report['model']['base']} (requests for {', '.join(report['model']['sent'])})"] \
+        if report.get("model") else []
+    lines += [
         f"requests   sent {c['sent']}  completed {c['completed']}  failed {c['failed']}"
         + (f"  ({', '.join(f'{k}: {v}' for k, v in c['errors'].items())})" if c["errors"] else ""),
         f"rate       offered {c['offered_qps']:.1f}/s  sent {c['sent_rps']:.1f}/s  achieved {c['achieved_rps']:.1f}/s"
