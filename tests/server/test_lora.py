@@ -59,7 +59,7 @@ def test_a_batch_mixing_base_and_two_adapters_gives_each_request_what_it_gets_al
 
 
 def test_the_finetuned_adapter_answers_its_questions_when_served_and_the_base_does_not(finetuned_adapter):
-    engine = AsyncEngine(EngineConfig(model=None, loras=[("qa", finetuned_adapter)], max_wait_ms=1))
+    engine = AsyncEngine(EngineConfig(model="tiny", loras=[("qa", finetuned_adapter)], max_wait_ms=1))
     params = SamplingParams(temperature=0, max_tokens=12)
 
     async def answer(question: str, adapter):
