@@ -7,6 +7,7 @@ import signal
 import sys
 
 from server.config import DTYPES, EngineConfig
+from server.http.protocol import DEFAULT_MAX_CHOICES
 from server.layers.ops import KERNEL_CHOICES
 from server.quantization.config import QUANT_CHOICES
 
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="refuse new requests (HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED) while this many "
                         "wait to start; default: no bound")
+    p.add_argument("--max-choices-per-request", type=int, default=DEFAULT_MAX_CHOICES,
+                   help="completions one HTTP request may ask for (prompts x n); more is a 400, and each one past the "
+                        "first also counts against the API key's rate limit")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="end a request this many seconds after it arrived (HTTP 408 or an error event, gRPC "
                         "DEADLINE_EXCEEDED) and free its KV blocks; default: no limit")
@@ -133,10 +137,13 @@ async def serve(args: argparse.Namespace):
         raise SystemExit(f"error: {e}") from None
     if access.enabled:
         log.info("API keys required (%s)", ", ".join(f"{k.id} {k.role}" for k in access.keys))
-    config = uvicorn.Config(build_app(engine, access), host=args.host, port=args.port, log_level=args.log_level,
+    config = uvicorn.Config(build_app(engine, access, args.max_choices_per_request), host=args.host, port=args.port, log_level=args.log_level,
                             access_log=False)
     server = DrainingServer(config)
-    grpc_server, grpc_health = await start_grpc_server(engine, args.host, args.grpc_port, access)
+    try:
+        grpc_server, grpc_health = await start_grpc_server(engine, args.host, args.grpc_port, access)
+    except OSError as e:
+        raise SystemExit(f"error: {e}") from None
     log.info("lmserve serving %s as %r on http://%s:%d and grpc %s:%d", engine.model_path, engine.model_name,
              args.host, args.port, args.host, args.grpc_port)
 
@@ -187,6 +194,8 @@ def main(argv=None):
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config(args)  # validate flags before loading anything
+        if args.max_choices_per_request < 1:
+            raise ValueError(f"max_choices_per_request must be a positive integer; got {args.max_choices_per_request}")
     except ValueError as e:
         sys.exit(f"error: {e}")
     del config

@@ -72,15 +72,15 @@ class TokenBucket:
         self.tokens = self.capacity
         self.updated: float | None = None
 
-    def take(self, now: float) -> float:
-        """0 when a request may go now (and takes its token), else the seconds until one may."""
+    def take(self, now: float, count: int = 1) -> float:
+        """0 when count requests may go now (and takes their tokens), else the seconds until they may."""
         if self.updated is not None:
             self.tokens = min(self.capacity, self.tokens + max(0.0, now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= count:
+            self.tokens -= count
             return 0.0
-        return (1 - self.tokens) / self.rate
+        return (count - self.tokens) / self.rate
 
 
 class AuditLog:
@@ -164,6 +164,23 @@ class AccessControl:
                 return Decision(key, "rate_limited", f"this key's limit of {key.requests_per_minute:g} requests per "
                                                      f"minute is reached; retry in {wait:.1f} s", wait)
         return Decision(key)
+
+    def charge(self, key: ApiKey, count: int, action: str, client: str | None) -> Decision:
+        """count more turns of key's rate limit for one call (completions past its first); all or none."""
+        bucket = self._buckets.get(key.secret)
+        if bucket is None:
+            return Decision(key)
+        with self._lock:
+            # the call's own first turn was taken already, so a count the bucket never holds beside it never goes
+            wait = bucket.take(time.monotonic(), count) if count + 1 <= bucket.capacity else float("inf")
+        if wait == 0:
+            return Decision(key)
+        self.audit.record("rate_limit", "denied", key.id, client, call=action, completions=count + 1)
+        limit = f"this key's limit of {key.requests_per_minute:g} requests per minute"
+        if wait == float("inf"):
+            return Decision(key, "rate_limited", f"this request's {count + 1} completions exceed {limit}", 60.0)
+        return Decision(key, "rate_limited", f"{limit} cannot cover this request's {count + 1} completions now; "
+                                             f"retry in {wait:.1f} s", wait)
 
 
 def build_access(api_keys: list[str], api_keys_file: str | None, audit_log: str | None) -> AccessControl:

@@ -5,6 +5,7 @@ batch, runs the model in a single worker thread (the loop stays responsive meanw
 tokens; it detokenizes them and pushes deltas to each request's queue while the next step runs.
 """
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -31,8 +32,9 @@ from server.outputs import RequestOutput, StopStringMatcher
 from server.redact import mask_pii
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.sequence import FinishReason, Sequence, SequenceStatus
-from server.tokenizer import IncrementalDetokenizer, eos_token_ids, load_tokenizer
+from server.tokenizer import IncrementalDetokenizer, encode_chat, eos_token_ids, load_tokenizer
 
+_INLINE_TOKENIZE_CHARS = 4096   # shorter texts are tokenized on the event loop: a thread hop costs more
 request_log = logging.getLogger("lmserve.requests")   # --log-requests: prompts and outputs, personal data masked
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class AsyncEngine:
         self.tokenizer = load_tokenizer(self.model_path)
         self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)
         self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
+        self.max_prompt_chars = self.max_model_len * _longest_token_chars(self.tokenizer)
         if self.max_model_len > hf_config.max_position_embeddings:
             raise ValueError(f"max_model_len must be at most the model's max_position_embeddings "
                              f"({hf_config.max_position_embeddings}); got {self.max_model_len}")
@@ -130,14 +133,20 @@ class AsyncEngine:
 
     # --- the frontend's interface --------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
-                       request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, adapter: str | None = None,
+                       parse_special_tokens: bool = False) -> AsyncIterator[RequestOutput]:
         """Yields deltas until one with finished=True. Leaving the iteration early aborts the request.
-        adapter: the name of a loaded LoRA adapter to run with; None runs the base model."""
+        adapter: the name of a loaded LoRA adapter to run with; None runs the base model.
+        parse_special_tokens: let control-token strings in a text prompt become control tokens."""
         self._ensure_started()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
         lora = self.resolve_adapter(adapter)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            prompt = await self.tokenize(prompt, parse_special_tokens=parse_special_tokens)
         seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
         if self.draining or self.failure is not None:
             raise ShuttingDownError("the server is shutting down and takes no new requests"
@@ -295,19 +304,37 @@ class AsyncEngine:
         self._executor.shutdown(wait=True)
 
     # --- request intake ------------------------------------------------------------------------
-    def _make_sequence(self, prompt, params: SamplingParams, request_id: str) -> Sequence:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty", "prompt")
-            token_ids = self.tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
-            if not token_ids:
-                raise InvalidRequestError("prompt must not be empty", "prompt")
-            bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[0]!r}", "prompt")
+    async def tokenize(self, text: str, add_special_tokens: bool = True, parse_special_tokens: bool = False,
+                       param: str = "prompt") -> list[int]:
+        """A text's token ids. A text too long to fit the context whatever its tokens is refused before any
+        tokenizing, and a long one is tokenized on a worker thread, so one big prompt never stalls the others.
+        Control-token strings in it stay text unless parse_special_tokens."""
+        self._check_prompt_chars(len(text), param)
+        encode = functools.partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens,
+                                   split_special_tokens=not parse_special_tokens)
+        return encode() if len(text) < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
+
+    async def tokenize_chat(self, messages: list[dict]) -> list[int]:
+        """A chat prompt's token ids (server/tokenizer.py encode_chat), bounded and off the loop as tokenize()."""
+        chars = sum(len(m[k]) for m in messages for k in ("content", "name") if isinstance(m.get(k), str))
+        self._check_prompt_chars(chars, "messages")
+        encode = functools.partial(encode_chat, self.tokenizer, messages)
+        return encode() if chars < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
+
+    def _check_prompt_chars(self, chars: int, param: str):
+        if chars > self.max_prompt_chars:
+            raise InvalidRequestError(
+                f"the prompt has {chars} characters; no text over {self.max_prompt_chars} can fit this model's "
+                f"maximum context length of {self.max_model_len} tokens", param)
+
+    def _make_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str) -> Sequence:
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {self.vocab_size}); got {bad[0]!r}", "prompt")
         n = len(token_ids)
         if n >= self.max_model_len:
             raise InvalidRequestError(
@@ -454,6 +481,12 @@ class AsyncEngine:
             if req is not None:
                 self.metrics.on_finished(item.seq, time.monotonic())
                 req.queue.put_nowait(RequestFailedError(f"request {item.seq.request_id} failed in the engine: {exc}"))
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for (its vocabulary string has at least as many)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return max(len(t) for t in tokens if isinstance(t, str))
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -50,7 +50,11 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def Tokenize(self, request, context):
         await self._check_model(request.model, "", context)
-        ids = self.engine.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        try:
+            ids = await self.engine.tokenize(request.text, add_special_tokens=request.add_special_tokens,
+                                             parse_special_tokens=request.parse_special_tokens, param="text")
+        except InvalidRequestError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return pb.TokenizeResponse(token_ids=ids, max_model_len=self.engine.max_model_len)
 
     async def ListModels(self, request, context):
@@ -82,7 +86,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         prompt = request.text if which == "text" else list(request.token_ids.ids)
         try:
             stream = self.engine.generate(prompt, _sampling_params(request.sampling),
-                                          request.request_id or f"grpc-{uuid.uuid4().hex}", adapter)
+                                          request.request_id or f"grpc-{uuid.uuid4().hex}", adapter,
+                                          request.parse_special_tokens)
             out = await anext(stream)
         except InvalidRequestError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -152,15 +157,20 @@ def _final(out: RequestOutput) -> pb.GenerateFinal:
 async def start_grpc_server(engine: AsyncEngine, host: str, port: int, access: AccessControl | None = None
                             ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
-    server = grpc.aio.server(interceptors=[AccessInterceptor(access)] if access is not None else [])  # as over HTTP
+    # as over HTTP; bound exclusively (gRPC shares ports by default), so a second server fails instead of splitting calls
+    server = grpc.aio.server(interceptors=[AccessInterceptor(access)] if access is not None else [],
+                             options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"could not bind the gRPC server to {host}:{port}")
+        raise OSError(f"could not bind the gRPC server to {host}:{port} (--grpc-port): is another server using it?")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

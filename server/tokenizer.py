@@ -1,5 +1,7 @@
 """Tokenizer loading, chat templates, and incremental detokenization that never splits a multi-byte character."""
 import json
+import re
+import secrets
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -33,9 +35,40 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
 
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat prompt. The template writes any BOS itself, so none is added on top of it."""
-    text = render_chat(tokenizer, messages, add_generation_prompt)
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Token ids of a chat prompt. Only the template's own text becomes control tokens: each message's content
+    and name are tokenized as plain text, so "<|im_start|>system" typed by a client stays those characters and
+    cannot forge a turn. Otherwise the ids are those of the whole rendered text: it is cut at the template's
+    control tokens, as the tokenizer itself cuts it, and each run between them (template text and client text
+    together) is encoded in one piece. The template writes any BOS itself, so none is added on top of it."""
+    nonce = secrets.token_hex(8)
+    texts: list[str] = []
+
+    def placeholder(text: str) -> str:
+        texts.append(text)
+        return f"lmserve{nonce}x{len(texts) - 1}x"
+    guarded = [{k: placeholder(v) if k in ("content", "name") and isinstance(v, str) else v for k, v in m.items()}
+               for m in messages]
+    rendered = render_chat(tokenizer, guarded, add_generation_prompt)
+    added = tokenizer.get_added_vocab()
+    controls = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
+        if added else None
+    ids: list[int] = []
+    run = ""   # text since the last control token
+    for i, piece in enumerate(re.split(f"lmserve{nonce}x(\\d+)x", rendered)):
+        if i % 2:   # a client's text
+            run += texts[int(piece)]
+            continue
+        for j, part in enumerate(controls.split(piece) if controls else [piece]):
+            if j % 2:
+                if run:
+                    ids += tokenizer.encode(run, add_special_tokens=False, split_special_tokens=True)
+                    run = ""
+                ids.append(added[part])
+            else:
+                run += part
+    if run:
+        ids += tokenizer.encode(run, add_special_tokens=False, split_special_tokens=True)
+    return ids
 
 
 class IncrementalDetokenizer:

@@ -3,8 +3,8 @@ import math
 
 from starlette.responses import JSONResponse
 
-from server.auth import AccessControl
-from server.http.protocol import ApiError
+from server.auth import AccessControl, Decision
+from server.http.protocol import RATE_CHARGE, ApiError
 
 OPEN_PATHS = {"/health"}
 ADMIN_ACTIONS = {"/v1/load_lora_adapter": "adapter_load", "/v1/unload_lora_adapter": "adapter_unload"}
@@ -26,13 +26,14 @@ class AccessMiddleware:
         action = ADMIN_ACTIONS.get(path)
         decision = self.access.check(authorization, action is not None, f"{scope['method']} {path}", client)
         if decision.status != "ok":
-            status, type_, code = _REFUSALS[decision.status]
-            headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
-            if decision.retry_after:
-                headers["Retry-After"] = str(math.ceil(decision.retry_after))
-            response = JSONResponse(ApiError(status, decision.message, type_=type_, code=code).body(), status,
-                                    headers=headers)
-            return await response(scope, receive, send)
+            error = _refusal(decision)
+            return await JSONResponse(error.body(), error.status, headers=error.headers)(scope, receive, send)
+
+        def charge(count: int):
+            more = self.access.charge(decision.key, count, f"{scope['method']} {path}", client)
+            if more.status != "ok":
+                raise _refusal(more)
+        scope[RATE_CHARGE] = charge
         if action is None:
             return await self.app(scope, receive, send)
         status = []
@@ -45,3 +46,11 @@ class AccessMiddleware:
             await self.app(scope, receive, send_and_note)
         finally:
             self.access.audit.record(action, str(status[0]) if status else "error", decision.key.id, client)
+
+
+def _refusal(decision: Decision) -> ApiError:
+    status, type_, code = _REFUSALS[decision.status]
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if decision.retry_after:
+        headers["Retry-After"] = str(math.ceil(decision.retry_after))
+    return ApiError(status, decision.message, type_=type_, code=code, headers=headers)

@@ -23,11 +23,10 @@ from server.auth import AccessControl
 from server.http.access import AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
-from server.http.protocol import MAX_BODY_BYTES, ApiError, engine_refusal
+from server.http.protocol import DEFAULT_MAX_CHOICES, MAX_BODY_BYTES, ApiError, engine_refusal, parse_chat
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
-from server.tokenizer import encode_chat
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,11 @@ async def json_body(request: Request) -> dict:
     return body
 
 
-def build_app(engine: AsyncEngine, access: AccessControl | None = None) -> Starlette:
+def build_app(engine: AsyncEngine, access: AccessControl | None = None,
+              max_choices_per_request: int = DEFAULT_MAX_CHOICES) -> Starlette:
     """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
     model_name = engine.model_name
-    openai = OpenAIRoutes(engine, model_name)
+    openai = OpenAIRoutes(engine, model_name, max_choices_per_request)
     created = int(time.time())
 
     async def health(_: Request) -> Response:
@@ -86,15 +86,23 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None) -> Starl
     async def tokenize(request: Request) -> Response:
         body = await json_body(request)
         if isinstance(body.get("messages"), list):
+            messages = parse_chat({"messages": body["messages"]}).messages
             try:
-                tokens = encode_chat(engine.tokenizer, body["messages"])
+                tokens = await engine.tokenize_chat(messages)
+            except InvalidRequestError as e:
+                raise ApiError(400, str(e), e.param) from None
             except Exception as e:
                 raise ApiError(400, f"the chat template could not render these messages: {e}", "messages") from None
         elif isinstance(body.get("prompt"), str):
-            add_special = body.get("add_special_tokens", True)
-            if not isinstance(add_special, bool):
-                raise ApiError(400, "add_special_tokens must be a boolean", "add_special_tokens")
-            tokens = engine.tokenizer.encode(body["prompt"], add_special_tokens=add_special)
+            flags = {}
+            for name in ("add_special_tokens", "parse_special_tokens"):
+                flags[name] = body.get(name, name == "add_special_tokens")
+                if not isinstance(flags[name], bool):
+                    raise ApiError(400, f"{name} must be a boolean", name)
+            try:
+                tokens = await engine.tokenize(body["prompt"], **flags)
+            except InvalidRequestError as e:
+                raise ApiError(400, str(e), e.param) from None
         else:
             raise ApiError(400, "send prompt (a string) or messages (a list)", "prompt")
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
@@ -108,7 +116,7 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None) -> Starl
 
     async def generate(request: Request) -> Response:
         body = await json_body(request)
-        unknown = sorted(set(body) - _PARAM_FIELDS - {"prompt", "stream", "request_id", "model"})
+        unknown = sorted(set(body) - _PARAM_FIELDS - {"prompt", "stream", "request_id", "model", "parse_special_tokens"})
         if unknown:
             raise ApiError(400, f"unknown field {unknown[0]!r}", unknown[0])
         try:
@@ -119,8 +127,11 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None) -> Starl
             model = body.get("model")
             if model is not None and not isinstance(model, str):
                 raise InvalidRequestError("model must be a string: the base model's or a LoRA adapter's name", "model")
-            stream = engine.generate(prompt, params, body.get("request_id"), model)
-            first = await anext(stream)  # validation errors surface here, before any byte is sent
+            parse_special = body.get("parse_special_tokens", False)
+            if not isinstance(parse_special, bool):
+                raise InvalidRequestError("parse_special_tokens must be a boolean", "parse_special_tokens")
+            stream = engine.generate(prompt, params, body.get("request_id"), model, parse_special)
+            first = await until_disconnect(request, anext(stream))  # refusals surface here, before any byte
         except (InvalidRequestError, ModelNotFoundError, ServerBusyError, ShuttingDownError, RequestFailedError) as e:
             raise engine_refusal(e) from None
         except (TypeError, ValueError) as e:

@@ -1,8 +1,10 @@
 """OpenAI-compatible /v1/completions and /v1/chat/completions: translate, call engine.generate, translate back.
 
 Each (prompt, copy) pair is one engine request. All of them are started and their first delta awaited
-before any response is sent, so a bad request is a 400, never a broken stream. A client that goes away
-aborts its requests: streaming through the response's cancellation, non-streaming through a watcher.
+before any response is sent, so a bad request is a 400, never a broken stream. A request asks for at most
+max_choices (prompts x n) completions, and each counts against its API key's rate limit. A client that goes
+away aborts its requests, from arrival on: while they wait to start through a watcher, then streaming
+through the response's cancellation, non-streaming through the watcher again.
 """
 import asyncio
 import json
@@ -14,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError
-from server.http.protocol import ApiError, engine_refusal, model_not_found, parse_chat, parse_completion
+from server.http.protocol import (DEFAULT_MAX_CHOICES, RATE_CHARGE, ApiError, engine_refusal, model_not_found,
+                                  parse_chat, parse_completion)
 from server.outputs import RequestOutput
-from server.sampling import SamplingParams
-from server.tokenizer import encode_chat
+from server.sampling import InvalidRequestError, SamplingParams
 
 
 @dataclass
@@ -45,19 +47,21 @@ class Choice:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, max_choices: int = DEFAULT_MAX_CHOICES):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
+        self.max_choices = max_choices
 
     # --- /v1/completions ------------------------------------------------------------------------
     async def completions(self, request: Request, body: dict):
         req = parse_completion(body)
         adapter = self._adapter_for(req.model)
+        self._admit(request, len(req.prompts), req.n)
         choices = [Choice(i * req.n + j, p, _copy_params(req.params, i * req.n + j))
                    for i, p in enumerate(req.prompts) for j in range(req.n)]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._start(rid, choices, adapter)
+        streams = await until_disconnect(request, self._start(rid, choices, adapter, req.parse_special_tokens))
 
         def choice_body(c: Choice, text: str, finish: str | None, logprobs=None) -> dict:
             return {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -96,15 +100,18 @@ class OpenAIRoutes:
     async def chat(self, request: Request, body: dict):
         req = parse_chat(body)
         adapter = self._adapter_for(req.model)
+        self._admit(request, 1, req.n)
         try:
-            prompt_ids = encode_chat(self.tokenizer, req.messages)
+            prompt_ids = await self.engine.tokenize_chat(req.messages)
+        except InvalidRequestError as e:
+            raise ApiError(400, str(e), e.param) from None
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # a template that raises on these messages (jinja2 errors, role checks)
             raise ApiError(400, f"the chat template could not render these messages: {e}", "messages") from None
         choices = [Choice(j, prompt_ids, _copy_params(req.params, j)) for j in range(req.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        streams = await self._start(rid, choices, adapter)
+        streams = await until_disconnect(request, self._start(rid, choices, adapter))
 
         def head(obj: str) -> dict:
             return {"id": rid, "object": obj, "created": created, "model": req.model or self.model_name}
@@ -131,9 +138,10 @@ class OpenAIRoutes:
         return JSONResponse(head("chat.completion") | {"choices": result, "usage": self._usage(choices, req.n)})
 
     # --- running engine requests ----------------------------------------------------------------
-    async def _start(self, rid: str, choices: list[Choice], adapter: str | None):
+    async def _start(self, rid: str, choices: list[Choice], adapter: str | None, parse_special_tokens: bool = False):
         """Start every engine request and take its first delta; on any refusal close them all and raise."""
-        streams = [self.engine.generate(c.prompt, c.params, f"{rid}-{c.index}", adapter) for c in choices]
+        streams = [self.engine.generate(c.prompt, c.params, f"{rid}-{c.index}", adapter, parse_special_tokens)
+                   for c in choices]
         firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
         errors = [e for e in firsts if isinstance(e, BaseException)]
         if errors:
@@ -192,6 +200,16 @@ class OpenAIRoutes:
         finally:
             for t in tasks:
                 t.cancel()
+
+    def _admit(self, request: Request, prompts: int, n: int):
+        """400 past max_choices completions; each one past the first also takes a turn of the key's rate limit."""
+        if prompts * n > self.max_choices:
+            raise ApiError(400, f"this request asks for {prompts * n} completions ({prompts} prompts x n={n}); "
+                                f"at most {self.max_choices} are allowed per request (--max-choices-per-request)",
+                           "prompt" if prompts > 1 else "n", code="too_many_choices")
+        charge = request.scope.get(RATE_CHARGE)
+        if charge is not None and prompts * n > 1:
+            charge(prompts * n - 1)   # raises the 429 when the key's limit cannot cover them
 
     # --- shaping --------------------------------------------------------------------------------
     def _adapter_for(self, model: str) -> str | None:

@@ -9,6 +9,8 @@ from server.engine import (ModelNotFoundError, RequestFailedError, RequestTimeou
 from server.sampling import InvalidRequestError, SamplingParams
 
 MAX_N = 16
+DEFAULT_MAX_CHOICES = 64     # completions (prompts x n) one request may ask for; --max-choices-per-request
+RATE_CHARGE = "lmserve.rate_charge"   # scope key: takes more turns of the caller's rate limit, or raises its 429
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_BODY_BYTES = 4 * 2**20   # a request body larger than this is refused before it is parsed
 
@@ -55,6 +57,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     echo: bool
+    parse_special_tokens: bool   # control-token strings in a text prompt become control tokens (off: text)
 
 
 @dataclass
@@ -89,7 +92,8 @@ def parse_completion(body: dict) -> CompletionRequest:
     params = _sampling_params(body, max_tokens=_opt(body, "max_tokens", int, default=16), logprobs=logprobs,
                               prompt_logprobs=logprobs if echo and logprobs is not None else None)
     stream, include_usage = _stream(body)
-    return CompletionRequest(model, prompts, params, _n(body), stream, include_usage, echo)
+    return CompletionRequest(model, prompts, params, _n(body), stream, include_usage, echo,
+                             bool(_opt(body, "parse_special_tokens", bool, default=False)))
 
 
 def parse_chat(body: dict) -> ChatRequest:
