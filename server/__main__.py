@@ -137,8 +137,8 @@ async def serve(args: argparse.Namespace):
         raise SystemExit(f"error: {e}") from None
     if access.enabled:
         log.info("API keys required (%s)", ", ".join(f"{k.id} {k.role}" for k in access.keys))
-    config = uvicorn.Config(build_app(engine, access, args.max_choices_per_request), host=args.host, port=args.port, log_level=args.log_level,
-                            access_log=False)
+    config = uvicorn.Config(build_app(engine, access, args.max_choices_per_request), host=args.host, port=args.port,
+                            log_level=args.log_level, access_log=False, timeout_graceful_shutdown=1)
     server = DrainingServer(config)
     try:
         grpc_server, grpc_health = await start_grpc_server(engine, args.host, args.grpc_port, access)
@@ -154,11 +154,14 @@ async def serve(args: argparse.Namespace):
         if not await engine.wait_until_idle(args.shutdown_timeout):
             log.warning("--shutdown-timeout %g s passed: aborting %d requests", args.shutdown_timeout,
                         engine.num_in_flight)
+            engine.abort_all(f"the server shut down (--shutdown-timeout {args.shutdown_timeout:g} s passed)")
+            await asyncio.sleep(0.1)   # their streams write the error and end
         server.should_exit = True
 
     def on_signal(sig: signal.Signals):
-        if engine.draining:  # a second signal: stop now
-            server.should_exit = server.force_exit = True
+        if engine.draining:  # a second signal: stop now, ending the streams first so none dies mid-write
+            engine.abort_all(f"the server was stopped ({sig.name} a second time)")
+            server.should_exit = True   # uvicorn's own shutdown then waits at most timeout_graceful_shutdown
         else:
             asyncio.get_running_loop().create_task(drain(sig))
 
@@ -180,7 +183,7 @@ async def serve(args: argparse.Namespace):
         await server.serve()
     finally:
         await grpc_health.enter_graceful_shutdown()
-        await grpc_server.stop(grace=5)
+        await grpc_server.stop(grace=1)
         await engine.shutdown()
     if engine.failure is not None:
         raise SystemExit(f"error: the engine step loop died: {engine.failure!r}")

@@ -63,6 +63,10 @@ class RequestFailedError(RuntimeError):
     """The engine ended this request before it finished (500 / INTERNAL); the message names it and says why."""
 
 
+class ShutdownAbortError(RequestFailedError):
+    """--shutdown-timeout passed while the request was in flight: ended (503 / UNAVAILABLE), the process exits."""
+
+
 class RequestTimeoutError(RequestFailedError):
     """The request outlasted --request-timeout (408 / DEADLINE_EXCEEDED); its blocks are freed."""
 
@@ -291,6 +295,11 @@ class AsyncEngine:
         while self._requests and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         return not self._requests
+
+    def abort_all(self, why: str):
+        """Ends every request in flight now with a ShutdownAbortError that says why; their blocks are freed."""
+        for request_id in list(self._requests):
+            self._end_early(request_id, ShutdownAbortError(f"request {request_id} was aborted: {why}"))
 
     async def shutdown(self):
         for request_id in list(self._requests):

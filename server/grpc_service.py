@@ -4,6 +4,7 @@ Errors are status codes: INVALID_ARGUMENT with the same messages as HTTP, NOT_FO
 or adapter. A cancelled call or an expired deadline cancels the handler, which closes the engine stream
 and so aborts the request. Also serves grpc.health.v1 and server reflection.
 """
+import dataclasses
 import uuid
 
 import grpc
@@ -12,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from server.auth import AccessControl
 from server.engine import (AsyncEngine, ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError,
-                           ShuttingDownError)
+                           ShutdownAbortError, ShuttingDownError)
 from server.grpc_access import AccessInterceptor
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
@@ -105,6 +106,10 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if out.finished:
                     return
                 out = await anext(stream)
+        except ShutdownAbortError as e:   # a last message that says so, then UNAVAILABLE
+            yield dataclasses.replace(out, token_ids=[], text="", logprobs=None, finished=True, finish_reason="abort",
+                                      stop_reason=None)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except RequestFailedError as e:
             await context.abort(_failure_code(e), str(e))
         finally:

@@ -5,7 +5,7 @@ Every mistake raises ApiError naming the field and what is allowed; nothing here
 from dataclasses import dataclass
 
 from server.engine import (ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError,
-                           ShuttingDownError)
+                           ShutdownAbortError, ShuttingDownError)
 from server.sampling import InvalidRequestError, SamplingParams
 
 MAX_N = 16
@@ -39,7 +39,7 @@ def engine_refusal(e: Exception) -> ApiError | None:
         return model_not_found(str(e))
     if isinstance(e, ServerBusyError):
         return ApiError(429, str(e), type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(e, ShuttingDownError):
+    if isinstance(e, (ShuttingDownError, ShutdownAbortError)):
         return ApiError(503, str(e), type_="service_unavailable", code="shutting_down")
     if isinstance(e, RequestTimeoutError):
         return ApiError(408, str(e), type_="timeout_error", code="request_timeout")

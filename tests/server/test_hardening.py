@@ -107,3 +107,68 @@ def test_a_second_server_on_a_taken_grpc_port_fails_at_start(server):
                            "--grpc-port", port], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and f"could not bind the gRPC server to 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_shutdown_timeout_aborts_what_is_left_and_exits_in_time():
+    import json
+    import signal
+    import threading
+    process = start_lmserve("--model", "random:tiny", "--kv-cache-tokens", "8192", "--shutdown-timeout", "1")
+    long = {"prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True}
+    results = {}
+
+    def unary():
+        results["unary"] = httpx.post(process.url + "/v1/completions", json=long, timeout=60)
+
+    def grpc_stream():
+        with grpc.insecure_channel(process.grpc_target) as channel:
+            messages = []
+            try:
+                for m in pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(
+                        token_ids=pb.TokenIds(ids=[5, 6, 7]),
+                        sampling=pb.SamplingParameters(max_tokens=2000, ignore_eos=True))):
+                    messages.append(m)
+            except grpc.RpcError as e:
+                results["grpc"] = (messages, e.code())
+    threads = [threading.Thread(target=unary), threading.Thread(target=grpc_stream)]
+    try:
+        with httpx.stream("POST", process.url + "/v1/completions", json=long | {"stream": True}, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            sent = time.monotonic()
+            process.proc.send_signal(signal.SIGTERM)
+            events = [line[6:] for line in lines if line.startswith("data: ")]
+        assert process.proc.wait(timeout=30) == 0
+        took = time.monotonic() - sent
+    finally:
+        process.stop()
+    for t in threads:
+        t.join(timeout=30)
+    assert took < 1 + 2, f"exited {took:.1f} s after SIGTERM with --shutdown-timeout 1"
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down"
+    assert results["unary"].status_code == 503
+    messages, code = results["grpc"]
+    assert code == grpc.StatusCode.UNAVAILABLE and messages[-1].final.finish_reason == pb.FINISH_REASON_ABORT
+
+
+def test_a_second_signal_ends_at_once_without_tracebacks():
+    import signal
+    process = start_lmserve("--model", "random:tiny", "--kv-cache-tokens", "8192", "--shutdown-timeout", "60")
+    long = {"prompt": [5, 6, 7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    try:
+        with httpx.stream("POST", process.url + "/v1/completions", json=long, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            process.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            sent = time.monotonic()
+            process.proc.send_signal(signal.SIGTERM)
+            assert process.proc.wait(timeout=30) is not None
+            took = time.monotonic() - sent
+        log = process.output()
+    finally:
+        process.stop()
+    assert took < 3 and "Traceback" not in log, log[-3000:]
