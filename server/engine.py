@@ -112,8 +112,16 @@ class AsyncEngine:
                                   self.model.ops.add_lora)
         self.adapters: dict[str, LoRAAdapter] = {}
         self._next_adapter_id = 1
-        for name, path in config.loras + _adapters_in(config.lora_dir):
+        for name, path in config.loras:
             self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank))
+        for name, path in _adapters_in(config.lora_dir):
+            if name in self.adapters:
+                continue
+            try:   # one bad adapter in the directory is skipped; the server serves the rest
+                self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank,
+                                            root=Path(config.lora_dir).resolve()))
+            except LoRAError as e:
+                log.error("--lora-dir: skipped adapter %r: %s", name, e)
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids,
                                   self.lora_pool)
         # bitsandbytes is left out: LLM.int8 picks its outlier columns per call (shapes that depend on the data),
@@ -206,11 +214,14 @@ class AsyncEngine:
         if self.config.lora_dir is None:
             raise LoRAError("loading adapters at runtime needs --lora-dir (the directory adapters are loaded from)")
         root = Path(self.config.lora_dir).resolve()
-        resolved = (root / path).resolve()
+        try:
+            resolved = (root / path).resolve()
+        except (OSError, ValueError) as e:   # a NUL byte, a path too long for the system
+            raise LoRAError(f"the adapter path {path[:80]!r} cannot be used: {e}") from None
         if not resolved.is_relative_to(root):
-            raise LoRAError(f"the adapter path {path!r} is outside --lora-dir")
+            raise LoRAError(f"the adapter path {path[:80]!r} is outside --lora-dir")
         adapter = await asyncio.to_thread(load_adapter, name, resolved, self.model.config, self._take_adapter_id(),
-                                          self.config.max_lora_rank)
+                                          self.config.max_lora_rank, root)
         if name in self.adapters:  # loaded twice at once: the first one wins
             raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
         self._register(adapter)
@@ -522,4 +533,12 @@ def _adapters_in(lora_dir: str | None) -> list[tuple[str, str]]:
     root = Path(lora_dir)
     if not root.is_dir():
         raise LoRAError(f"--lora-dir {lora_dir} is not a directory")
-    return [(d.name, str(d)) for d in sorted(root.iterdir()) if (d / "adapter_config.json").is_file()]
+    inside = []
+    for d in sorted(root.iterdir()):
+        if not (d / "adapter_config.json").is_file():
+            continue
+        if not d.resolve().is_relative_to(root.resolve()):
+            log.error("--lora-dir: skipped adapter %r: %s leads outside --lora-dir (a symlink?)", d.name, d)
+            continue
+        inside.append((d.name, str(d)))
+    return inside

@@ -9,6 +9,7 @@ the runner gives every token its slot (-1: base), and each projection adds x @ A
 """
 import asyncio
 import json
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,47 +46,54 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
-def load_adapter(name: str, path: str | Path, cfg: ModelConfig, adapter_id: int, max_rank: int) -> LoRAAdapter:
-    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), checked against the base."""
-    path = Path(path)
-    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not config_file.is_file():
-        raise LoRAError(f"{path} is not a PEFT adapter: adapter_config.json not found")
-    if not weights_file.is_file():
-        pickled = (path / "adapter_model.bin").is_file()
-        raise LoRAError(f"{path}: adapter_model.safetensors not found"
-                        + (" (adapter_model.bin is never loaded: lmserve reads safetensors only)" if pickled else ""))
+MAX_CONFIG_BYTES = 64 * 1024   # an adapter_config.json is a few hundred bytes; a bigger one is refused unread
+
+
+def load_adapter(name: str, path: str | Path, cfg: ModelConfig, adapter_id: int, max_rank: int,
+                 root: Path | None = None) -> LoRAAdapter:
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors), checked against the base.
+    root: every file read must resolve to inside it (a symlink that leads out is refused)."""
     try:
-        config = json.loads(config_file.read_text())
-    except ValueError as e:
-        raise LoRAError(f"{config_file}: not valid JSON ({e})") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LoRAError(f"{path}: peft_type {config.get('peft_type')!r} is not supported; only LORA")
-    for key, bad in (("use_dora", True), ("fan_in_fan_out", True)):
-        if config.get(key) == bad:
-            raise LoRAError(f"{path}: {key} adapters are not supported")
-    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise LoRAError(f"{path}: adapters that train biases or whole modules (bias, modules_to_save) are not supported")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise LoRAError(f"{path}: per-module rank_pattern / alpha_pattern is not supported")
-    rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    if not 1 <= rank <= max_rank:
-        raise LoRAError(f"{path}: rank {rank} is outside 1..{max_rank} (--max-lora-rank)")
+        path = Path(path)
+        config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+        for file in (config_file, weights_file):
+            if root is not None and file.exists() and not file.resolve().is_relative_to(root):
+                raise LoRAError(f"{file} leads outside --lora-dir (a symlink?); adapters are read from inside it only")
+        if not config_file.is_file():
+            raise LoRAError(f"{path} is not a PEFT adapter: adapter_config.json not found")
+        if not weights_file.is_file():
+            pickled = (path / "adapter_model.bin").is_file()
+            raise LoRAError(f"{path}: adapter_model.safetensors not found"
+                            + (" (adapter_model.bin is never loaded: lmserve reads safetensors only)" if pickled else ""))
+        if config_file.stat().st_size > MAX_CONFIG_BYTES:
+            raise LoRAError(f"{config_file} is larger than {MAX_CONFIG_BYTES} bytes; not an adapter config")
+        raw = config_file.read_bytes()
+    except (OSError, ValueError) as e:   # an over-long path, a NUL byte, an unreadable file
+        if isinstance(e, LoRAError):
+            raise
+        raise LoRAError(f"the adapter path cannot be read: {e}") from None
+    config, rank, alpha = _adapter_config(config_file, raw, max_rank)
     scaling = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
     shapes = projection_shapes(cfg)
     parts: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            m = _KEY.search(key)
-            if m is None:
-                raise LoRAError(f"{path}: unexpected tensor {key!r}; lmserve serves LoRA on "
-                                f"{', '.join(PROJECTIONS)} of the decoder layers")
-            layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
-            if proj not in shapes:
-                raise LoRAError(f"{path}: unknown target module {proj!r} in {key!r}; allowed: {', '.join(PROJECTIONS)}")
-            if layer >= cfg.num_layers:
-                raise LoRAError(f"{path}: {key!r} names layer {layer}, the base model has {cfg.num_layers}")
-            parts.setdefault((layer, proj), {})[ab] = f.get_tensor(key)
+    try:
+        with safe_open(str(weights_file), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = _KEY.search(key)
+                if m is None:
+                    raise LoRAError(f"{path}: unexpected tensor {key!r}; lmserve serves LoRA on "
+                                    f"{', '.join(PROJECTIONS)} of the decoder layers")
+                layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
+                if proj not in shapes:
+                    raise LoRAError(f"{path}: unknown target module {proj!r} in {key!r}; "
+                                    f"allowed: {', '.join(PROJECTIONS)}")
+                if layer >= cfg.num_layers:
+                    raise LoRAError(f"{path}: {key!r} names layer {layer}, the base model has {cfg.num_layers}")
+                parts.setdefault((layer, proj), {})[ab] = f.get_tensor(key)
+    except LoRAError:
+        raise
+    except Exception as e:   # safetensors' own errors: a malformed header, a truncated file
+        raise LoRAError(f"{weights_file}: not a readable safetensors file ({e})") from None
     if not parts:
         raise LoRAError(f"{path}: the adapter has no LoRA weights")
     weights = {}
@@ -97,8 +105,42 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, adapter_id: int,
         if a.shape != (rank, fan_in) or b.shape != (fan_out, rank):
             raise LoRAError(f"{path}: layer {layer} {proj} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                             f"the base model needs ({rank}, {fan_in}) and ({fan_out}, {rank})")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise LoRAError(f"{path}: layer {layer} {proj} has NaN or infinite weights")
         weights[(layer, proj)] = (a, b * scaling)
     return LoRAAdapter(name, path, adapter_id, rank, weights)
+
+
+def _adapter_config(config_file: Path, raw: bytes, max_rank: int) -> tuple[dict, int, float]:
+    """adapter_config.json checked field by field: (config, rank, alpha)."""
+    try:
+        config = json.loads(raw)
+    except (ValueError, RecursionError) as e:   # RecursionError: JSON nested deeper than the parser goes
+        raise LoRAError(f"{config_file}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{config_file}: must be a JSON object; got {type(config).__name__}")
+    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise LoRAError(f"{config_file}: r must be an integer rank; got {json.dumps(rank)[:40]}")
+    if not 1 <= rank <= max_rank:
+        raise LoRAError(f"{config_file}: rank r={rank} is outside 1..{max_rank} (--max-lora-rank)")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise LoRAError(f"{config_file}: lora_alpha must be a finite number; got {json.dumps(alpha)[:40]}")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if key in config and not isinstance(config[key], bool) and config[key] is not None:
+            raise LoRAError(f"{config_file}: {key} must be true or false; got {json.dumps(config[key])[:40]}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LoRAError(f"{config_file}: peft_type {json.dumps(config.get('peft_type'))[:40]} is not supported; "
+                        f"only LORA")
+    for key in ("use_dora", "fan_in_fan_out"):
+        if config.get(key):
+            raise LoRAError(f"{config_file}: {key} adapters are not supported")
+    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
+        raise LoRAError(f"{config_file}: adapters that train biases or whole modules (bias, modules_to_save) are "
+                        f"not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LoRAError(f"{config_file}: per-module rank_pattern / alpha_pattern is not supported")
+    return config, rank, float(alpha)
 
 
 class LoRAPool:

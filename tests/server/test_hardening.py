@@ -1,5 +1,6 @@
 """What an adversarial client tried against a real server process, and what it gets now (issue: hardening two)."""
 import subprocess
+from pathlib import Path
 import sys
 import time
 
@@ -172,3 +173,67 @@ def test_a_second_signal_ends_at_once_without_tracebacks():
     finally:
         process.stop()
     assert took < 3 and "Traceback" not in log, log[-3000:]
+
+
+def _bad_adapters(good: str, root) -> dict[str, str]:
+    """Adapter directories under root, each wrong in one way an attacker or a careless client tried."""
+    import json
+    import shutil
+    config = json.loads((Path(good) / "adapter_config.json").read_text())
+    cases = {"list": [1, 2], "null": None, "rank-abc": config | {"r": "abc"}, "rank-null": config | {"r": None},
+             "rank-float": config | {"r": 4.7}, "rank-inf": config | {"r": float("inf")},
+             "alpha-x": config | {"lora_alpha": "x"}, "alpha-nan": config | {"lora_alpha": float("nan")}}
+    paths = {}
+    for name, value in cases.items():
+        shutil.copytree(good, root / name)
+        (root / name / "adapter_config.json").write_text(json.dumps(value))
+        paths[name] = name
+    shutil.copytree(good, root / "nested")
+    (root / "nested" / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    for name, header in (("header-too-large", (2**40).to_bytes(8, "little")),
+                         ("header-incomplete", (64).to_bytes(8, "little") + b'{"a": ')):
+        shutil.copytree(good, root / name)
+        (root / name / "adapter_model.safetensors").write_bytes(header)
+    shutil.copytree(good, root / "nan-weights")
+    from safetensors.torch import load_file, save_file
+    weights = load_file(str(root / "nan-weights" / "adapter_model.safetensors"))
+    first = sorted(weights)[0]
+    weights[first] = weights[first] * float("nan")
+    save_file(weights, str(root / "nan-weights" / "adapter_model.safetensors"))
+    shutil.copytree(good, root / "symlinked-file")
+    (root / "symlinked-file" / "adapter_config.json").unlink()
+    (root / "symlinked-file" / "adapter_config.json").symlink_to("/etc/passwd")
+    paths |= {n: n for n in ("nested", "header-too-large", "header-incomplete", "nan-weights", "symlinked-file")}
+    paths |= {"nul": "a\x00b", "long": "x" * 5000}
+    return paths
+
+
+def test_every_bad_adapter_is_a_400_and_a_bad_lora_dir_entry_is_skipped(llama, peft_adapters, tmp_path):
+    import shutil
+    root = tmp_path / "loras"
+    root.mkdir()
+    bad = _bad_adapters(peft_adapters["alpha"], root)
+    shutil.copytree(peft_adapters["beta"], root / "beta")
+    outside = tmp_path / "outside"
+    shutil.copytree(peft_adapters["alpha"], outside)
+    (root / "escape").symlink_to(outside)
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "2048",
+                            "--lora-dir", str(root))
+    try:
+        models = [m["id"] for m in httpx.get(process.url + "/v1/models").json()["data"]]
+        for case, path in bad.items():
+            r = httpx.post(process.url + "/v1/load_lora_adapter", json={"lora_name": f"x-{case}", "lora_path": path})
+            assert r.status_code == 400 and r.json()["error"]["param"] in ("lora_path", "lora_name"), (case, r.text)
+        with grpc.insecure_channel(process.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.InferenceStub(channel).LoadLoRAAdapter(pb.LoadLoRAAdapterRequest(lora_name="y",
+                                                                                         lora_path="rank-float"))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "r must be an integer" in e.value.details()
+        r = httpx.post(process.url + "/v1/completions", json={"model": "beta", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200
+        log = process.output()
+    finally:
+        process.stop()
+    assert "beta" in models and "escape" not in models and not set(bad) & set(models)
+    assert "skipped adapter 'escape'" in log and "skipped adapter 'rank-float'" in log
+    assert "Traceback" not in log and "root:x:0:0" not in log

@@ -163,7 +163,7 @@ def _token_logprobs(logits: torch.Tensor, prompt: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("case,message", [
     ("missing", "adapter_config.json not found"),
     ("pickle", "adapter_model.bin is never loaded"),
-    ("rank", "rank 8 is outside 1..4"),
+    ("rank", "rank r=8 is outside 1..4"),
     ("shape", "the base model needs"),
     ("target", "unexpected tensor"),
     ("dora", "use_dora adapters are not supported")])
