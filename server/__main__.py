@@ -69,6 +69,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-choices-per-request", type=int, default=DEFAULT_MAX_CHOICES,
                    help="completions one HTTP request may ask for (prompts x n); more is a 400, and each one past the "
                         "first also counts against the API key's rate limit")
+    p.add_argument("--max-connections", type=int, default=4096,
+                   help="HTTP connections held open at once; past it a new one is answered 503 and closed (the "
+                        "open-file limit is raised at start to fit it where the system allows)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's complete headers, from when it opens or the "
+                        "request begins; a slower one (idle, or a slowloris client) gets 408 and is closed")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an HTTP connection may stay idle between requests before it is closed")
+    p.add_argument("--max-header-bytes", type=int, default=65536,
+                   help="bytes of request line and headers accepted; more is a 431 and the connection is closed")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="end a request this many seconds after it arrived (HTTP 408 or an error event, gRPC "
                         "DEADLINE_EXCEEDED) and free its KV blocks; default: no limit")
@@ -129,6 +139,7 @@ async def serve(args: argparse.Namespace):
     from server.engine import AsyncEngine
     from server.grpc_service import start_grpc_server
     from server.http.app import build_app
+    from server.http.connections import guarded_protocol, raise_open_file_limit
 
     try:
         access = build_access(args.api_key, args.api_keys_file, args.audit_log)
@@ -137,8 +148,14 @@ async def serve(args: argparse.Namespace):
         raise SystemExit(f"error: {e}") from None
     if access.enabled:
         log.info("API keys required (%s)", ", ".join(f"{k.id} {k.role}" for k in access.keys))
+    open_files = raise_open_file_limit(args.max_connections + 1024)
+    if open_files < args.max_connections + 64:
+        log.warning("the open-file limit is %d: fewer than --max-connections %d connections can be held",
+                    open_files, args.max_connections)
+    protocol = guarded_protocol(args.max_connections, args.header_timeout, args.max_header_bytes)
     config = uvicorn.Config(build_app(engine, access, args.max_choices_per_request), host=args.host, port=args.port,
-                            log_level=args.log_level, access_log=False, timeout_graceful_shutdown=1)
+                            log_level=args.log_level, access_log=False, timeout_graceful_shutdown=1, http=protocol,
+                            timeout_keep_alive=args.keep_alive_timeout)
     server = DrainingServer(config)
     try:
         grpc_server, grpc_health = await start_grpc_server(engine, args.host, args.grpc_port, access)
@@ -197,8 +214,12 @@ def main(argv=None):
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = engine_config(args)  # validate flags before loading anything
-        if args.max_choices_per_request < 1:
-            raise ValueError(f"max_choices_per_request must be a positive integer; got {args.max_choices_per_request}")
+        for name in ("max_choices_per_request", "max_connections", "max_header_bytes"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"{name} must be a positive integer; got {getattr(args, name)}")
+        for name in ("header_timeout", "keep_alive_timeout"):
+            if not getattr(args, name) > 0:
+                raise ValueError(f"{name} must be positive seconds; got {getattr(args, name)}")
     except ValueError as e:
         sys.exit(f"error: {e}")
     del config

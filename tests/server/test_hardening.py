@@ -237,3 +237,66 @@ def test_every_bad_adapter_is_a_400_and_a_bad_lora_dir_entry_is_skipped(llama, p
     assert "beta" in models and "escape" not in models and not set(bad) & set(models)
     assert "skipped adapter 'escape'" in log and "skipped adapter 'rank-float'" in log
     assert "Traceback" not in log and "root:x:0:0" not in log
+
+
+def test_idle_slowloris_and_oversized_header_connections_are_bounded(llama):
+    import resource
+    import socket
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 4096), hard), hard))
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "2048",
+                            "--header-timeout", "3", "--max-connections", "2100")
+    port = int(process.url.rsplit(":", 1)[1])
+    held = []
+    try:
+        for _ in range(2000):                       # idle: never send a byte
+            held.append(socket.create_connection(("127.0.0.1", port)))
+        slow = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+        for s in slow:                              # slowloris: a request line, then a header byte now and then
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        held += slow
+        start = time.monotonic()
+        r = httpx.post(process.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+        took = time.monotonic() - start
+        assert r.status_code == 200, r.text
+        print(f"a normal request took {took * 1000:.0f} ms beside 2,000 idle and 50 slowloris connections")
+        for s in slow:
+            s.sendall(b"a")
+        time.sleep(3.5)
+        for s in (held[0], slow[0]):
+            s.settimeout(5)
+            answer = s.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 408") and b"--header-timeout" in answer
+        big = socket.create_connection(("127.0.0.1", port))
+        big.settimeout(10)
+        try:
+            big.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (8 << 20) + b"\r\n\r\n")
+        except OSError:
+            pass   # the server answered and closed before taking it all
+        assert big.recv(4096).startswith(b"HTTP/1.1 431")
+        big.close()
+        assert httpx.get(process.url + "/health").status_code == 200
+    finally:
+        for s in held:
+            s.close()
+        process.stop()
+    assert took < 5
+
+
+def test_connections_past_the_cap_are_refused(llama):
+    import socket
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "2048",
+                            "--max-connections", "4")
+    port = int(process.url.rsplit(":", 1)[1])
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(10)
+        assert extra.recv(4096).startswith(b"HTTP/1.1 503")
+        extra.close()
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        assert httpx.get(process.url + "/health").status_code == 200
+    finally:
+        process.stop()
