@@ -107,6 +107,7 @@ class Decision:
     status: str = "ok"            # ok | unauthenticated | forbidden | rate_limited
     message: str = ""
     retry_after: float = 0.0
+    audit: dict | None = None     # the audit entry of a refusal, when check() was told to leave it to the caller
 
 
 class AccessControl:
@@ -142,27 +143,36 @@ class AccessControl:
                 found = k
         return found
 
-    def check(self, authorization: str | None, admin_only: bool, action: str, client: str | None) -> Decision:
-        """Decide one call from its Authorization value (`Bearer KEY`), and audit what is refused."""
+    def check(self, authorization: str | None, admin_only: bool, action: str, client: str | None,
+              defer_audit: bool = False) -> Decision:
+        """Decide one call from its Authorization value (`Bearer KEY`), and audit what is refused (or, with
+        defer_audit, put the entry in the decision for a caller that learns the client later)."""
+        decision = self._decide(authorization, admin_only, action)
+        if decision.audit is not None and not defer_audit:
+            self.audit.record(**decision.audit, client=client)
+        return decision
+
+    def _decide(self, authorization: str | None, admin_only: bool, action: str) -> Decision:
         if not self.enabled:
             return Decision(None)
         scheme, _, presented = (authorization or "").partition(" ")
         key = self._find(presented.strip()) if scheme.lower() == "bearer" and presented.strip() else None
         if key is None:
-            self.audit.record("auth_failure", "denied", key_id(presented.strip()) if presented.strip() else None,
-                              client, call=action)
-            return Decision(None, "unauthenticated", "a valid API key is required: send `Authorization: Bearer KEY`")
+            audit = dict(action="auth_failure", outcome="denied",
+                         key=key_id(presented.strip()) if presented.strip() else None, call=action)
+            return Decision(None, "unauthenticated", "a valid API key is required: send `Authorization: Bearer KEY`",
+                            audit=audit)
         if admin_only and key.role != "admin":
-            self.audit.record("auth_failure", "forbidden", key.id, client, call=action)
-            return Decision(key, "forbidden", f"{action} needs an admin key; this key's role is {key.role}")
+            return Decision(key, "forbidden", f"{action} needs an admin key; this key's role is {key.role}",
+                            audit=dict(action="auth_failure", outcome="forbidden", key=key.id, call=action))
         bucket = self._buckets.get(key.secret)
         if bucket is not None:
             with self._lock:
                 wait = bucket.take(time.monotonic())
             if wait > 0:
-                self.audit.record("rate_limit", "denied", key.id, client, call=action)
                 return Decision(key, "rate_limited", f"this key's limit of {key.requests_per_minute:g} requests per "
-                                                     f"minute is reached; retry in {wait:.1f} s", wait)
+                                                     f"minute is reached; retry in {wait:.1f} s", wait,
+                                audit=dict(action="rate_limit", outcome="denied", key=key.id, call=action))
         return Decision(key)
 
     def charge(self, key: ApiKey, count: int, action: str, client: str | None) -> Decision:

@@ -163,11 +163,7 @@ class AsyncEngine:
         if self.draining or self.failure is not None:
             raise ShuttingDownError("the server is shutting down and takes no new requests"
                                     + (f" (the engine stopped: {self.failure})" if self.failure else ""))
-        limit = self.config.max_queued_requests
-        if limit is not None and self.num_queued >= limit:
-            self.metrics.rejected.labels("queue_full").inc()
-            raise ServerBusyError(f"the server is at capacity: {self.num_queued} requests are waiting to start "
-                                  f"(--max-queued-requests {limit}); retry later")
+        self.check_capacity()
         seq.lora = lora
         req = _Request(seq, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
                                                                     seq.params.skip_special_tokens),
@@ -195,6 +191,16 @@ class AsyncEngine:
                 self.abort(request_id)
             if lora is not None:
                 await self.lora_pool.release(lora)
+
+    def check_capacity(self, count: int = 1):
+        """ServerBusyError, counted once, when count more requests would pass --max-queued-requests (a frontend
+        checks a many-prompt request once this way before starting its engine requests)."""
+        limit = self.config.max_queued_requests
+        if limit is not None and self.num_queued + count > limit and not self.draining:
+            self.metrics.rejected.labels("queue_full").inc()
+            needs = f"; this request needs {count} places" if count > 1 else ""
+            raise ServerBusyError(f"the server is at capacity: {self.num_queued} requests are waiting to start "
+                                  f"(--max-queued-requests {limit}){needs}; retry later")
 
     # --- adapters -------------------------------------------------------------------------------
     def resolve_adapter(self, name: str | None) -> LoRAAdapter | None:

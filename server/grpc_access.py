@@ -26,19 +26,23 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             return handler
         authorization = dict(details.invocation_metadata or ()).get("authorization")
         action = ADMIN_ACTIONS.get(method)
-        decision = self.access.check(authorization, action is not None, method, None)
+        decision = self.access.check(authorization, action is not None, method, None, defer_audit=True)
         if decision.status != "ok":
-            return _refusing(handler, _CODES[decision.status], decision.message)
+            return _refusing(handler, _CODES[decision.status], decision.message,
+                             lambda peer: self.access.audit.record(**decision.audit, client=peer))
         if action is None or handler.unary_unary is None:
             return handler
         return _audited(handler, self.access, action, decision.key.id)
 
 
-def _refusing(handler, code: grpc.StatusCode, message: str):
+def _refusing(handler, code: grpc.StatusCode, message: str, audit):
+    """A handler that aborts with code; audit(peer) records the refusal with the caller's address."""
     async def refuse(request, context):
+        audit(context.peer())
         await context.abort(code, message)
 
     async def refuse_stream(request, context):
+        audit(context.peer())
         await context.abort(code, message)
         yield  # never reached: makes this an async generator, as a streaming handler must be
 
@@ -59,6 +63,7 @@ def _audited(handler, access: AccessControl, action: str, key: str):
         finally:
             code = context.code()
             access.audit.record(action, code.name if isinstance(code, grpc.StatusCode) else outcome, key,
-                                context.peer())
+                                context.peer(), adapter=request.lora_name,
+                                **({"path": request.lora_path} if action == "adapter_load" else {}))
     return grpc.unary_unary_rpc_method_handler(call, request_deserializer=handler.request_deserializer,
                                                response_serializer=handler.response_serializer)

@@ -4,7 +4,7 @@ import math
 from starlette.responses import JSONResponse
 
 from server.auth import AccessControl, Decision
-from server.http.protocol import RATE_CHARGE, ApiError
+from server.http.protocol import AUDIT_DETAILS, RATE_CHARGE, ApiError
 
 OPEN_PATHS = {"/health"}
 ADMIN_ACTIONS = {"/v1/load_lora_adapter": "adapter_load", "/v1/unload_lora_adapter": "adapter_unload"}
@@ -45,7 +45,8 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.access.audit.record(action, str(status[0]) if status else "error", decision.key.id, client)
+            self.access.audit.record(action, str(status[0]) if status else "error", decision.key.id, client,
+                                     **scope.get(AUDIT_DETAILS, {}))
 
 
 def _refusal(decision: Decision) -> ApiError:

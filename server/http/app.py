@@ -23,7 +23,8 @@ from server.auth import AccessControl
 from server.http.access import AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
-from server.http.protocol import DEFAULT_MAX_CHOICES, MAX_BODY_BYTES, ApiError, engine_refusal, parse_chat
+from server.http.protocol import (AUDIT_DETAILS, DEFAULT_MAX_CHOICES, MAX_BODY_BYTES, ApiError, engine_refusal,
+                                  parse_chat)
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
@@ -144,10 +145,15 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None,
             await stream.aclose()  # after a disconnect, closing the stream aborts the request
 
     async def load_adapter(request: Request) -> Response:
-        return await load_lora_adapter(engine, await json_body(request))
+        body = await json_body(request)
+        request.scope[AUDIT_DETAILS] = {"adapter": str(body.get("lora_name"))[:200],
+                                        "path": str(body.get("lora_path"))[:1000]}
+        return await load_lora_adapter(engine, body)
 
     async def unload_adapter(request: Request) -> Response:
-        return await unload_lora_adapter(engine, await json_body(request))
+        body = await json_body(request)
+        request.scope[AUDIT_DETAILS] = {"adapter": str(body.get("lora_name"))[:200]}
+        return await unload_lora_adapter(engine, body)
 
     async def api_error(_: Request, exc: ApiError) -> Response:
         return JSONResponse(exc.body(), exc.status, headers=exc.headers)

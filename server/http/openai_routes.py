@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError
+from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, ServerBusyError
 from server.http.protocol import (DEFAULT_MAX_CHOICES, RATE_CHARGE, ApiError, engine_refusal, model_not_found,
                                   parse_chat, parse_completion)
 from server.outputs import RequestOutput
@@ -140,6 +140,11 @@ class OpenAIRoutes:
     # --- running engine requests ----------------------------------------------------------------
     async def _start(self, rid: str, choices: list[Choice], adapter: str | None, parse_special_tokens: bool = False):
         """Start every engine request and take its first delta; on any refusal close them all and raise."""
+        if len(choices) > 1:
+            try:
+                self.engine.check_capacity(len(choices))   # a full queue refuses the request once, not per choice
+            except ServerBusyError as e:
+                raise engine_refusal(e) from None
         streams = [self.engine.generate(c.prompt, c.params, f"{rid}-{c.index}", adapter, parse_special_tokens)
                    for c in choices]
         firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
@@ -233,10 +238,19 @@ class OpenAIRoutes:
             text = self._token_text(token_id)
             tokens.append(text)
             token_logprobs.append(None if s is None else s.logprob)
-            top.append(None if s is None else {self._token_text(t): lp for t, lp in s.top_logprobs.items()})
+            top.append(None if s is None else self._top_by_text(s.top_logprobs))
             offsets.append(offset)
             offset += 0 if token_id in self.tokenizer.all_special_ids else len(text)  # BOS is not in the echoed text
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+    def _top_by_text(self, top_logprobs: dict[int, float]) -> dict[str, float]:
+        """Completions' top_logprobs, keyed by text as OpenAI's are; an alternative whose text an earlier (more
+        likely) one already has is keyed "TEXT [token ID]", so none is lost."""
+        out: dict[str, float] = {}
+        for token_id, logprob in top_logprobs.items():
+            text = self._token_text(token_id)
+            out[f"{text} [token {token_id}]" if text in out else text] = logprob
+        return out
 
     def _chat_logprobs(self, scored: list) -> list[dict]:
         def entry(token_id: int, logprob: float) -> dict:
@@ -273,6 +287,8 @@ async def until_disconnect(request: Request, work):
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not work.done():
             work.cancel()
+            # what the cancelled work ends with (an abort's error, say) is of no interest: retrieve it quietly
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise ApiError(499, "client disconnected", type_="client_disconnected")
         return work.result()
     finally:

@@ -11,6 +11,7 @@ from server.sampling import InvalidRequestError, SamplingParams
 MAX_N = 16
 DEFAULT_MAX_CHOICES = 64     # completions (prompts x n) one request may ask for; --max-choices-per-request
 RATE_CHARGE = "lmserve.rate_charge"   # scope key: takes more turns of the caller's rate limit, or raises its 429
+AUDIT_DETAILS = "lmserve.audit_details"   # scope key: what a route adds to its audit-log entry (adapter, path)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_BODY_BYTES = 4 * 2**20   # a request body larger than this is refused before it is parsed
 

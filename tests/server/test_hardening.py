@@ -81,8 +81,19 @@ def test_clients_that_leave_while_queued_free_their_place():
             assert _gauge(httpx.get(process.url + "/metrics").text, "lmserve_num_requests_running") == 1
             with pytest.raises(httpx.TimeoutException):   # queued behind the long one, not refused with a 429
                 httpx.post(process.url + "/v1/completions", json=long | {"max_tokens": 1}, timeout=0.5)
+            before = _counter(httpx.get(process.url + "/metrics").text, "lmserve_requests_rejected_total")
+            refused = httpx.post(process.url + "/v1/completions", json=long | {"prompt": [[5, 6]] * 4}, timeout=30)
+            after = _counter(httpx.get(process.url + "/metrics").text, "lmserve_requests_rejected_total")
+            assert refused.status_code == 429 and after - before == 1   # one refused request, counted once
+        log = process.output()
     finally:
         process.stop()
+    assert "never retrieved" not in log and "Traceback" not in log
+
+
+def _counter(metrics: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(name + "{") and 'reason="queue_full"' in line)
 
 
 def _gauge(metrics: str, name: str) -> float:
@@ -300,3 +311,46 @@ def test_connections_past_the_cap_are_refused(llama):
         assert httpx.get(process.url + "/health").status_code == 200
     finally:
         process.stop()
+
+
+def test_no_top_logprob_is_lost_to_an_alternative_with_the_same_text(server):
+    r = post(server, "/v1/completions", {"prompt": "Zürich 😀", "max_tokens": 4, "logprobs": 20, "temperature": 0})
+    tops = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+    assert [len(t) for t in tops] == [20] * 4
+    assert any(" [token " in k for t in tops for k in t)   # partial characters all decode to U+FFFD
+
+
+def test_tokenize_reads_content_parts_as_chat_does(server):
+    parts = [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]
+    a = post(server, "/tokenize", {"messages": [{"role": "user", "content": parts}]}).json()["tokens"]
+    b = post(server, "/tokenize", {"messages": [{"role": "user", "content": "Hello"}]}).json()["tokens"]
+    assert a == b
+    r = post(server, "/tokenize", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]"
+
+
+def test_the_audit_log_names_grpc_clients_and_the_adapters_loaded(llama, peft_adapters, tmp_path):
+    import json
+    import shutil
+    shutil.copytree(peft_adapters["alpha"], tmp_path / "loras" / "alpha")
+    keys, audit = tmp_path / "keys", tmp_path / "audit.jsonl"
+    keys.write_text(f"{OPEN} admin\n")
+    process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "2048",
+                            "--api-keys-file", str(keys), "--audit-log", str(audit), "--lora-dir",
+                            str(tmp_path / "loras"))
+    try:
+        with grpc.insecure_channel(process.grpc_target) as channel:
+            with pytest.raises(grpc.RpcError):
+                pb_grpc.InferenceStub(channel).Tokenize(pb.TokenizeRequest(text="hi"),
+                                                        metadata=[("authorization", "Bearer wrong")])
+        loaded = post(process, "/v1/load_lora_adapter", {"lora_name": "a2", "lora_path": "alpha"})
+        unloaded = post(process, "/v1/unload_lora_adapter", {"lora_name": "a2"})
+        assert loaded.status_code == 200 and unloaded.status_code == 200
+    finally:
+        process.stop()
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    refused = [e for e in entries if e["action"] == "auth_failure"]
+    assert refused and all(e["client"] for e in refused)
+    load = next(e for e in entries if e["action"] == "adapter_load")
+    unload = next(e for e in entries if e["action"] == "adapter_unload")
+    assert (load["adapter"], load["path"], load["outcome"]) == ("a2", "alpha", "200") and unload["adapter"] == "a2"
