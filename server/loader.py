@@ -78,12 +78,13 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                               for p, _ in m.named_parameters(recurse=False) if p != "bias"}
     expected |= {f"{name}.weight" for name in float_fed}
     expected -= {n for n in params if n.endswith(".g_idx")}  # optional: a missing g_idx is the plain grouping
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    expected -= tied  # the embedding table, filled under its own name
     if is_synthetic_dir(path):
         loaded = _fill_synthetic(expected, params, float_fed, dtype, device)
     else:
         loaded = _read_checkpoint(path, cfg, params, float_fed, quant_config)
-    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    missing = sorted(expected - loaded - tied)
+    missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
     for module in model.modules():
