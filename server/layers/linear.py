@@ -36,6 +36,12 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
+    def lay_out_for_cpu(self):
+        """A wide projection (more outputs than inputs) is stored input-major: [K, N] in memory, still an
+        [N, K] view, which the CPU BLAS reads about twice as fast for a few rows of x."""
+        if self.weight.shape[0] > self.weight.shape[1]:
+            self.weight.data = self.weight.data.t().contiguous().t()
+
 
 class Int8Linear(nn.Module):
     """Weight-only int8 with a float32 scale per output channel."""
