@@ -39,7 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV cache size in tokens (overrides --kv-cache-memory-fraction)")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=None,
-                   help="share of free memory for the KV cache (default 0.9 on CUDA, 0.2 of RAM on CPU)")
+                   help="share of free memory for the KV cache (default 0.9 on CUDA; on CPU, what --max-batch-size "
+                        "sequences of --max-model-len use, at most 0.2 of RAM and 1 GiB, at least one sequence)")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn off automatic prefix caching")

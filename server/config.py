@@ -19,7 +19,7 @@ class EngineConfig:
     max_model_len: int | None = None      # context length; default from the checkpoint's config
     block_size: int = 16                  # tokens per KV cache block
     kv_cache_tokens: int | None = None    # KV cache size in tokens; overrides kv_cache_memory_fraction
-    kv_cache_memory_fraction: float | None = None  # share of free memory for the KV cache (default 0.9 CUDA, 0.2 CPU)
+    kv_cache_memory_fraction: float | None = None  # share of free memory for the KV cache (default 0.9 CUDA; CPU: see size_kv_cache)
     enable_prefix_caching: bool = True
     seed: int = 0                         # seeds requests that bring no seed of their own
     quant: str = "none"                   # none | int8 | int4 | bnb-int8 | nf4; GPTQ checkpoints are detected

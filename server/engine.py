@@ -97,7 +97,8 @@ class AsyncEngine:
         self.vocab_size = mc.vocab_size
         per_token = kv_cache_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
         num_blocks = size_kv_cache(per_token, config.block_size, self.device, config.kv_cache_tokens,
-                                   config.kv_cache_memory_fraction, config.max_batch_size * self.max_model_len)
+                                   config.kv_cache_memory_fraction, config.max_batch_size * self.max_model_len,
+                                   min_tokens=self.max_model_len)
         self.kv_cache_tokens = num_blocks * config.block_size
         # One block more than the BlockManager hands out: block tables are padded with it (ModelRunner), so
         # padding never reads a block another sequence writes (whose NaN would spread through 0 * NaN).

@@ -161,9 +161,14 @@ def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, 
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+CPU_DEFAULT_BUDGET = 2**30  # bytes of KV cache on CPU when no flag sizes it
+
+
 def size_kv_cache(bytes_per_token: int, block_size: int, device: torch.device, kv_cache_tokens: int | None,
-                  memory_fraction: float | None, max_useful_tokens: int) -> int:
-    """Number of blocks: from kv_cache_tokens when given, else a fraction of the free memory."""
+                  memory_fraction: float | None, max_useful_tokens: int, min_tokens: int = 0) -> int:
+    """Number of blocks: from kv_cache_tokens when given, else a fraction of the free memory. On CPU with
+    neither flag: what every seat at full length could use, capped at 20% of the available RAM and at
+    CPU_DEFAULT_BUDGET, but never less than min_tokens (one sequence of the longest length)."""
     if kv_cache_tokens is not None:
         return max(1, kv_cache_tokens // block_size)
     if device.type == "cuda":
@@ -172,7 +177,11 @@ def size_kv_cache(bytes_per_token: int, block_size: int, device: torch.device, k
     else:
         budget = _available_host_memory() * (memory_fraction or 0.2)
         budget = min(budget, max_useful_tokens * bytes_per_token)  # more than every seat at full length is waste on CPU
+        if memory_fraction is None:
+            budget = min(budget, CPU_DEFAULT_BUDGET)
     num_blocks = int(budget // (bytes_per_token * block_size))
+    if memory_fraction is None and device.type != "cuda":
+        num_blocks = max(num_blocks, -(-min_tokens // block_size))
     if num_blocks < 1:
         raise RuntimeError(f"no memory left for the KV cache ({budget / 2**20:.0f} MiB budget, "
                            f"{bytes_per_token * block_size} bytes per block); lower the model size or raise the fraction")

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from server.layers.linear import LinearFactory, weight_bytes
+from server.layers.linear import Linear, LinearFactory, weight_bytes
 from server.layers.ops import select_ops
 from server.models.llama import LlamaForCausalLM
 from server.models.model_config import ModelConfig
@@ -78,17 +78,20 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                               for p, _ in m.named_parameters(recurse=False) if p != "bias"}
     expected |= {f"{name}.weight" for name in float_fed}
     expected -= {n for n in params if n.endswith(".g_idx")}  # optional: a missing g_idx is the plain grouping
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    expected -= tied  # the embedding table, filled under its own name
     if is_synthetic_dir(path):
         loaded = _fill_synthetic(expected, params, float_fed, dtype, device)
     else:
         loaded = _read_checkpoint(path, cfg, params, float_fed, quant_config)
-    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    missing = sorted(expected - loaded - tied)
+    missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
     for module in model.modules():
         if hasattr(module, "finish_loading"):
             module.finish_loading()
+        if device.type == "cpu" and linear.ops.name == "torch" and isinstance(module, Linear):
+            module.lay_out_for_cpu()
     model.weight_bytes = weight_bytes(model)
     model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
                                     if name.endswith("_proj") and "." in name)

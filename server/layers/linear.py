@@ -3,13 +3,17 @@
 Parameters are filled by the loader, never initialised. A quantized layer built over a float checkpoint
 takes each float weight through load_float_weight(), so only one float tensor is ever held at a time;
 a GPTQ checkpoint fills qweight / qzeros / scales / g_idx by name. The loader then calls finish_loading(),
-where an act-order GPTQ layer sorts its rows by group once, so the kernels' fast path serves it.
+where an act-order GPTQ layer sorts its rows by group once, so the kernels' fast path serves it, and, with the
+torch ops on CPU, quantized layers take PyTorch's packed kernels (kernels/quant_matmul_cpu.py): int8 keeps its
+weight and stores its scales in the kernels' dtype; 4-bit GPTQ is repacked into the int4 layout, and a GPTQ
+layer no kernel serves is dequantized to a float weight, once. Either way the GPTQ tensors are dropped.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.quant_matmul import is_plain_grouping, sort_act_order
+from kernels import quant_matmul_cpu as cpu
+from kernels.quant_matmul import dequantize_gptq, is_plain_grouping, sort_act_order
 from server.layers.ops import Ops
 from server.quantization.config import QuantConfig
 from server.quantization.rtn import quantize_int8, quantize_rtn
@@ -17,6 +21,10 @@ from server.quantization.rtn import quantize_int8, quantize_rtn
 
 def _param(*shape, dtype=None) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def _packed_kernels(ops: Ops, device: torch.device) -> bool:
+    return ops.name == "torch" and device.type == "cpu"
 
 
 class Linear(nn.Module):
@@ -27,6 +35,12 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def lay_out_for_cpu(self):
+        """A wide projection (more outputs than inputs) is stored input-major: [K, N] in memory, still an
+        [N, K] view, which the CPU BLAS reads about twice as fast for a few rows of x."""
+        if self.weight.shape[0] > self.weight.shape[1]:
+            self.weight.data = self.weight.data.t().contiguous().t()
 
 
 class Int8Linear(nn.Module):
@@ -39,14 +53,27 @@ class Int8Linear(nn.Module):
         self.weight = _param(out_features, in_features, dtype=torch.int8)
         self.scales = _param(out_features, dtype=torch.float32)
         self.bias = _param(out_features) if bias else None
+        self.cpu_kernel = False   # set at finish_loading: PyTorch's packed int8 kernel serves this layer
 
     def load_float_weight(self, w: torch.Tensor):
         q, scales = quantize_int8(w.to(self.weight.device))
         self.weight.data.copy_(q)
         self.scales.data.copy_(scales)
 
+    def finish_loading(self):
+        self.cpu_kernel = _packed_kernels(self.ops, self.weight.device) and cpu.int8_kernel_serves(self.in_features)
+        if self.cpu_kernel:
+            self.scales.data = self.scales.data.to(cpu.COMPUTE_DTYPE)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[N, K] float32: the weight this layer computes with."""
+        return self.weight.float() * self.scales.float()[:, None]
+
     def forward(self, x):
-        y = self.ops.w8a16_matmul(x, self.weight, self.scales)
+        if self.cpu_kernel:
+            y = cpu.int8_matmul(x, self.weight, self.scales)
+        else:
+            y = self.ops.w8a16_matmul(x, self.weight, self.scales)
         return y if self.bias is None else y + self.bias
 
 
@@ -70,16 +97,20 @@ class GPTQLinear(nn.Module):
         self.g_idx = nn.Parameter(torch.arange(in_features, dtype=torch.int32) // gs, requires_grad=False)
         self.bias = _param(out_features) if bias else None
 
+        self.dtype = torch.get_default_dtype()     # the loader's serving dtype
         self.perm: torch.Tensor | None = None      # act-order: x's columns in the order qweight's rows now have
         self.plain_group_size: int | None = None   # set once g_idx is k // group_size: the kernels' fast path
+        # Set on CPU by finish_loading instead of the GPTQ tensors: the int4 kernel's group size, packed
+        # weight and scales_and_zeros, or (where it does not apply) the dequantized weight [N, K].
+        self.int4_group_size: int | None = None
+        self.int4_weight = self.int4_scales_and_zeros = self.weight = None
 
     def load_float_weight(self, w: torch.Tensor):
         q = self.quant
         for name, tensor in quantize_rtn(w.to(self.qweight.device), q.bits, q.group_size, q.sym).items():
             getattr(self, name).data.copy_(tensor)
 
-    def finish_loading(self):
-        """Brings an act-order layer to plain grouping (qweight's rows sorted by group, x permuted to match)."""
+    def _sort_act_order(self):
         gs = self.quant.group_size
         if not is_plain_grouping(self.g_idx, gs):
             qweight, perm = sort_act_order(self.qweight.data, self.g_idx.data, self.quant.bits)
@@ -90,11 +121,53 @@ class GPTQLinear(nn.Module):
             self.perm = perm.to(self.qweight.device)
         self.plain_group_size = gs
 
+    def finish_loading(self):
+        """Brings an act-order layer to plain grouping (qweight's rows sorted by group, x permuted to match),
+        then, on CPU, to PyTorch's packed kernels."""
+        self._sort_act_order()
+        if _packed_kernels(self.ops, self.qweight.device):
+            self._convert_for_cpu()
+
+    def _convert_for_cpu(self):
+        q = self.quant
+        kernel_gs = (cpu.int4_group_size(self.in_features, self.out_features, q.group_size)
+                     if q.bits == 4 and self.plain_group_size is not None else None)
+        if kernel_gs is not None:
+            packed, scales_and_zeros = cpu.gptq_to_int4pack(self.qweight, self.qzeros, self.scales, q.zero_offset,
+                                                            q.group_size, kernel_gs)
+            self.int4_group_size = kernel_gs
+            self.int4_weight = nn.Parameter(packed, requires_grad=False)
+            self.int4_scales_and_zeros = nn.Parameter(scales_and_zeros, requires_grad=False)
+        else:
+            w = dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, q.bits, q.zero_offset)
+            self.weight = nn.Parameter(w.t().to(self.dtype).contiguous(), requires_grad=False)
+        self.qweight = self.qzeros = self.scales = self.g_idx = None
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[N, K] float32 in x's original column order: the weight this layer computes with."""
+        if self.int4_weight is not None:
+            w = cpu.int4pack_weight(self.int4_weight, self.int4_group_size, self.int4_scales_and_zeros)
+        elif self.weight is not None:
+            w = self.weight.float()
+        else:
+            q = self.quant
+            w = dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, q.bits, q.zero_offset).t()
+        if self.perm is None:
+            return w
+        unsorted = torch.empty_like(w)
+        unsorted[:, self.perm] = w
+        return unsorted
+
     def forward(self, x):
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
-        y = self.ops.gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.quant.bits,
-                                 self.quant.zero_offset, self.plain_group_size)
+        if self.int4_weight is not None:
+            y = cpu.int4_matmul(x, self.int4_weight, self.int4_group_size, self.int4_scales_and_zeros)
+        elif self.weight is not None:
+            y = F.linear(x, self.weight)
+        else:
+            y = self.ops.gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.quant.bits,
+                                     self.quant.zero_offset, self.plain_group_size)
         return y if self.bias is None else y + self.bias
 
 

@@ -1,7 +1,7 @@
 """BlockManager: allocation, ref-counts, prefix hashing, LRU eviction; cache sizing."""
 import torch
 
-from server.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
+from server.kv_cache import CPU_DEFAULT_BUDGET, BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.sampling import SamplingParams
 from server.sequence import Sequence
 
@@ -85,6 +85,20 @@ def test_cache_sizing():
     assert size_kv_cache(per_token, 16, torch.device("cpu"), 100, None, 10**6) == 6
     blocks = size_kv_cache(per_token, 16, torch.device("cpu"), None, 0.2, max_useful_tokens=320)
     assert blocks == 20  # capped at what every seat at full length could use
+
+
+def test_cpu_default_cache_is_what_the_seats_use_within_a_gibibyte_and_holds_one_sequence():
+    cpu = torch.device("cpu")
+    per_token = kv_cache_bytes_per_token(num_layers=30, num_kv_heads=3, head_dim=64, dtype=torch.float32)
+    # 64 seats of 8192 tokens would take 22.5 GiB: the default stops at 1 GiB.
+    blocks = size_kv_cache(per_token, 16, cpu, None, None, max_useful_tokens=64 * 8192, min_tokens=8192)
+    assert blocks * 16 * per_token <= CPU_DEFAULT_BUDGET < (blocks + 1) * 16 * per_token
+    assert size_kv_cache(per_token, 16, cpu, None, None, max_useful_tokens=4 * 512, min_tokens=512) == 4 * 512 // 16
+    # A sequence larger than the budget still fits.
+    huge = kv_cache_bytes_per_token(num_layers=80, num_kv_heads=64, head_dim=128, dtype=torch.float32)
+    assert size_kv_cache(huge, 16, cpu, None, None, max_useful_tokens=8 * 4096, min_tokens=4096) == 4096 // 16
+    # An explicit fraction is not capped at 1 GiB.
+    assert size_kv_cache(per_token, 16, cpu, None, 1.0, 64 * 8192, 8192) > blocks
 
 
 def test_forgetting_a_sequences_own_blocks_keeps_shared_ones_cached():

@@ -8,7 +8,6 @@ import torch
 from server.config import EngineConfig
 from server.tiny_model import ensure_tiny_model
 from server.engine import AsyncEngine, ModelNotFoundError
-from kernels.quant_matmul import dequantize_gptq
 from server.layers.linear import GPTQLinear, Int8Linear
 from server.lora import LoRAError
 from server.sampling import SamplingParams
@@ -121,13 +120,8 @@ def test_an_adapter_on_a_quantized_base_equals_peft_merged_onto_the_dequantized_
 
 def _dequantized(model) -> dict[str, torch.Tensor]:
     """The float weights [out, in] each quantized projection computes with, by parameter name."""
-    weights = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Int8Linear):
-            weights[name + ".weight"] = module.weight.float() * module.scales[:, None].float()
-        elif isinstance(module, GPTQLinear):
-            weights[name + ".weight"] = dequantize_gptq(module.qweight, module.qzeros, module.scales, module.g_idx,
-                                                        module.quant.bits).t()
+    weights = {name + ".weight": module.dequantized_weight() for name, module in model.named_modules()
+               if isinstance(module, (Int8Linear, GPTQLinear))}
     assert weights
     return weights
 

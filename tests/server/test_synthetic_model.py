@@ -32,3 +32,12 @@ def test_the_directory_holds_a_full_vocabulary_and_no_weights():
 def test_unknown_name_says_what_exists():
     with pytest.raises(ValueError, match="llama-2-7b"):
         AsyncEngine(EngineConfig(model="random:gpt-9"))
+
+
+def test_tied_lm_head_is_the_embedding_transformers_has():
+    from server.loader import load_model
+    assert SHAPES["smollm2-135m"]["tie_word_embeddings"]
+    model = load_model(synthetic_dir("random:smollm2-135m"), torch.float32, torch.device("cpu"), 64)
+    expected = hf_model_for("random:smollm2-135m", torch.float32, torch.device("cpu")).lm_head.weight
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, expected)
