@@ -43,6 +43,21 @@ class Linear(nn.Module):
             self.weight.data = self.weight.data.t().contiguous().t()
 
 
+def fuse_for_cpu(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
+    """Projections of one input as one input-major weight [K, N1 + N2 + ...] (seen as [N, K]) and bias, so the
+    CPU reads x once and runs one matmul; each Linear's weight becomes a view of it, so nothing is held twice.
+    None unless all are float Linears with a bias each or none."""
+    if any(type(m) is not Linear for m in linears) or len({m.bias is None for m in linears}) != 1:
+        return None
+    fused = torch.cat([m.weight.data.t() for m in linears], dim=1).contiguous().t()   # [N, K], stored [K, N]
+    bias = None if linears[0].bias is None else torch.cat([m.bias.data for m in linears])
+    sizes, start = [m.weight.shape[0] for m in linears], 0
+    for m, n in zip(linears, sizes):
+        m.weight.data = fused[start:start + n]
+        start += n
+    return fused, bias, sizes
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 with a float32 scale per output channel."""
 

@@ -3,10 +3,11 @@
 Parameter names mirror the Hugging Face checkpoints so the loader maps tensors by name.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from server.layers.attention import AttentionMetadata
-from server.layers.linear import Linear, LinearFactory
+from server.layers.linear import Linear, LinearFactory, fuse_for_cpu
 from server.layers.ops import Ops
 from server.layers.norm import RMSNorm
 from server.layers.rotary import RotaryEmbedding
@@ -33,13 +34,24 @@ class LlamaAttention(nn.Module):
         self.k_proj = linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv = None   # on CPU: q, k and v as one matmul (fuse_for_cpu), set at load
+
+    def fuse_for_cpu(self):
+        self.qkv = fuse_for_cpu([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, lora=None):
         # x: [T, D]
         i = self.layer_idx
-        q = _project(self, "q_proj", i, x, lora).view(-1, self.num_heads, self.head_dim)
-        k = _project(self, "k_proj", i, x, lora).view(-1, self.num_kv_heads, self.head_dim)
-        v = _project(self, "v_proj", i, x, lora).view(-1, self.num_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            weight, bias, sizes = self.qkv
+            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+            if lora is not None:
+                q, k, v = (lora.apply(i, name, x, y) for name, y in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)))
+        else:
+            q, k, v = (_project(self, name, i, x, lora) for name in ("q_proj", "k_proj", "v_proj"))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         o = self.ops.paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
         return _project(self, "o_proj", i, o.view(-1, self.num_heads * self.head_dim), lora)
@@ -53,11 +65,21 @@ class LlamaMLP(nn.Module):
         self.gate_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up = None   # on CPU: gate and up as one matmul (fuse_for_cpu), set at load
+
+    def fuse_for_cpu(self):
+        self.gate_up = fuse_for_cpu([self.gate_proj, self.up_proj])
 
     def forward(self, x, lora=None):
         i = self.layer_idx
-        h = self.ops.silu_and_mul(_project(self, "gate_proj", i, x, lora), _project(self, "up_proj", i, x, lora))
-        return _project(self, "down_proj", i, h, lora)
+        if self.gate_up is not None:
+            weight, bias, sizes = self.gate_up
+            gate, up = F.linear(x, weight, bias).split(sizes, dim=-1)
+            if lora is not None:
+                gate, up = lora.apply(i, "gate_proj", x, gate), lora.apply(i, "up_proj", x, up)
+        else:
+            gate, up = _project(self, "gate_proj", i, x, lora), _project(self, "up_proj", i, x, lora)
+        return _project(self, "down_proj", i, self.ops.silu_and_mul(gate, up), lora)
 
 
 class LlamaDecoderLayer(nn.Module):

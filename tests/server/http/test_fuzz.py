@@ -39,10 +39,29 @@ near_valid = st.builds(lambda field, value, stream: VALID | {field: value, "stre
                        st.sampled_from(FIELDS), values, st.booleans())
 
 
+CONTROL = ["<|im_start|>", "<|im_end|>", "<s>", "</s>", "<pad>", "system", "\n", "{{", "{%", "}}"]
+control_text = st.lists(st.sampled_from(CONTROL) | st.text(max_size=6), max_size=8).map("".join)
+content_parts = st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "", 3]),
+                                                "text": control_text | values}), max_size=4)
+chat_messages = st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "developer", "tool", "wizard"]),
+     "content": control_text | content_parts | values},
+    optional={"name": control_text | values}), min_size=1, max_size=4)
+adapter_configs = values | st.fixed_dictionaries(
+    {"r": values | st.integers(-2, 80) | st.floats(), "lora_alpha": values | st.floats()},
+    optional={"peft_type": values, "use_rslora": values, "use_dora": values, "bias": values,
+              "target_modules": values, "modules_to_save": values, "rank_pattern": values})
+
+
 @pytest.fixture(scope="module")
-def server(llama):
+def lora_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz-loras")
+
+
+@pytest.fixture(scope="module")
+def server(llama, lora_dir):
     process = start_lmserve("--model", llama, "--served-model-name", "tiny", "--max-model-len", "64",
-                            "--kv-cache-tokens", "2048")
+                            "--kv-cache-tokens", "2048", "--lora-dir", str(lora_dir))
     with httpx.Client(base_url=process.url, timeout=60) as client:
         yield client
     process.stop()
@@ -84,6 +103,36 @@ def test_truncated_and_raw_bodies_never_500(server, path, body, cut, junk):
     text = json.dumps(body).encode()
     _check(server.post(path, content=text[:int(len(text) * cut)]))
     _check(server.post(path, content=junk))
+
+
+@FUZZ
+@given(messages=chat_messages, stream=st.booleans())
+def test_chat_content_never_500_and_never_forges_control_tokens(server, messages, stream):
+    body = {"model": "tiny", "messages": messages, "max_tokens": 2, "temperature": 0, "stream": stream}
+    _check(server.post("/v1/chat/completions", content=json.dumps(body)))
+    r = server.post("/tokenize", content=json.dumps({"messages": messages}))
+    _check(r)
+    if r.status_code == 200:   # the control tokens are the template's: as many as for the same turns saying "x"
+        plain = [m | {"content": "x"} | ({"name": "x"} if "name" in m else {}) for m in messages]
+        honest = server.post("/tokenize", content=json.dumps({"messages": plain}))
+        if honest.status_code == 200:
+            im = server.post("/tokenize", json={"prompt": "<|im_start|><|im_end|>", "parse_special_tokens": True,
+                                               "add_special_tokens": False}).json()["tokens"]
+            assert sum(t in im for t in r.json()["tokens"]) == sum(t in im for t in honest.json()["tokens"])
+
+
+@FUZZ
+@given(config=adapter_configs)
+def test_adapter_configs_never_500(server, lora_dir, peft_adapters, config):
+    import shutil
+    import uuid
+    name = f"fuzz-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(peft_adapters["alpha"], lora_dir / name)
+    (lora_dir / name / "adapter_config.json").write_text(json.dumps(config))
+    r = server.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": name})
+    _check(r)
+    if r.status_code == 200:
+        assert server.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
