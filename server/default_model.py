@@ -35,4 +35,4 @@ def default_checkpoint() -> Path:
         log.warning("the default model %s is not installed (%s); serving the tiny random-weight model instead, "
                     "whose answers are gibberish", NAME, INSTALL)
         return ensure_tiny_model()
-    return converted_dir(gguf, NAME)
+    return converted_dir(gguf)

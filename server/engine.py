@@ -35,6 +35,7 @@ from server.sequence import FinishReason, Sequence, SequenceStatus
 from server.tokenizer import IncrementalDetokenizer, encode_chat, eos_token_ids, load_tokenizer
 
 _INLINE_TOKENIZE_CHARS = 4096   # shorter texts are tokenized on the event loop: a thread hop costs more
+_MESSAGE_CHARS = 16             # a chat message's share of the template, counted against the prompt bound
 request_log = logging.getLogger("lmserve.requests")   # --log-requests: prompts and outputs, personal data masked
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class AsyncEngine:
         self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
         self._rng = random.Random(config.seed)
         self._requests: dict[str, _Request] = {}
+        self._starting: set[str] = set()   # ids of requests between arrival and registration (tokenizing, ...)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -153,30 +155,34 @@ class AsyncEngine:
         parse_special_tokens: let control-token strings in a text prompt become control tokens."""
         self._ensure_started()
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._requests:
+        if request_id in self._requests or request_id in self._starting:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use", "request_id")
-        lora = self.resolve_adapter(adapter)
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt must not be empty", "prompt")
-            prompt = await self.tokenize(prompt, parse_special_tokens=parse_special_tokens)
-        seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
-        if self.draining or self.failure is not None:
-            raise ShuttingDownError("the server is shutting down and takes no new requests"
-                                    + (f" (the engine stopped: {self.failure})" if self.failure else ""))
-        self.check_capacity()
-        seq.lora = lora
-        req = _Request(seq, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
-                                                                    seq.params.skip_special_tokens),
-                       StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output))
-        if lora is not None:
-            await self.lora_pool.acquire(lora)   # waits while every slot serves other adapters' requests
-            if self.adapters.get(lora.name) is not lora:   # unloaded while this request waited for a slot
-                await self.lora_pool.release(lora)
-                if lora not in self.lora_pool.in_use:
-                    self.lora_pool.evict(lora)
-                raise ModelNotFoundError(f"the adapter {lora.name!r} was unloaded")
-        self._requests[request_id] = req
+        self._starting.add(request_id)   # held across the awaits below, so a second request cannot take the id
+        try:
+            lora = self.resolve_adapter(adapter)
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise InvalidRequestError("prompt must not be empty", "prompt")
+                prompt = await self.tokenize(prompt, parse_special_tokens=parse_special_tokens)
+            seq = self._make_sequence(prompt, params or SamplingParams(), request_id)
+            if self.draining or self.failure is not None:
+                raise ShuttingDownError("the server is shutting down and takes no new requests"
+                                        + (f" (the engine stopped: {self.failure})" if self.failure else ""))
+            self.check_capacity()
+            seq.lora = lora
+            req = _Request(seq, asyncio.Queue(), IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                                                        seq.params.skip_special_tokens),
+                           StopStringMatcher(seq.params.stop, seq.params.include_stop_str_in_output))
+            if lora is not None:
+                await self.lora_pool.acquire(lora)   # waits while every slot serves other adapters' requests
+                if self.adapters.get(lora.name) is not lora:   # unloaded while this request waited for a slot
+                    await self.lora_pool.release(lora)
+                    if lora not in self.lora_pool.in_use:
+                        self.lora_pool.evict(lora)
+                    raise ModelNotFoundError(f"the adapter {lora.name!r} was unloaded")
+            self._requests[request_id] = req
+        finally:
+            self._starting.discard(request_id)
         self.batcher.add(seq)
         self._wake.set()
         try:
@@ -343,7 +349,9 @@ class AsyncEngine:
 
     async def tokenize_chat(self, messages: list[dict]) -> list[int]:
         """A chat prompt's token ids (server/tokenizer.py encode_chat), bounded and off the loop as tokenize()."""
-        chars = sum(len(m[k]) for m in messages for k in ("content", "name") if isinstance(m.get(k), str))
+        # each message costs the template some characters of its own, whatever its content
+        chars = sum(_MESSAGE_CHARS + sum(len(m[k]) for k in ("content", "name") if isinstance(m.get(k), str))
+                    for m in messages)
         self._check_prompt_chars(chars, "messages")
         encode = functools.partial(encode_chat, self.tokenizer, messages)
         return encode() if chars < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)

@@ -53,12 +53,12 @@ def find_gguf(model: str | Path) -> Path | None:
     return None
 
 
-def converted_dir(gguf_file: Path, name: str | None = None) -> Path:
+def converted_dir(gguf_file: Path) -> Path:
     """The Hugging Face directory for gguf_file in the cache, converted on first use (keyed by path, size, mtime)."""
     gguf_file = gguf_file.resolve()
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{CONVERTER_VERSION}:{gguf_file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
-    target = cache_dir() / "gguf" / f"{name or gguf_file.stem}-{key[:12]}"
+    target = cache_dir() / "gguf" / f"{gguf_file.stem}-{key[:12]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,8 +69,9 @@ def converted_dir(gguf_file: Path, name: str | None = None) -> Path:
         convert(gguf_file, tmp)
         try:
             tmp.rename(target)
-        except OSError:  # another process finished first
-            pass
+        except OSError as e:  # another process finished first, or the cache holds something else there
+            if not (target / "config.json").is_file():
+                raise GGUFError(f"cannot write the converted checkpoint to {target}: {e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -183,4 +183,6 @@ async def start_grpc_server(engine: AsyncEngine, host: str, port: int, access: A
 
 
 def _failure_code(e: RequestFailedError) -> grpc.StatusCode:
+    if isinstance(e, ShutdownAbortError):   # aborted at shutdown before its first output
+        return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(e, RequestTimeoutError) else grpc.StatusCode.INTERNAL

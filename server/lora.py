@@ -59,6 +59,8 @@ def load_adapter(name: str, path: str | Path, cfg: ModelConfig, adapter_id: int,
         for file in (config_file, weights_file):
             if root is not None and file.exists() and not file.resolve().is_relative_to(root):
                 raise LoRAError(f"{file} leads outside --lora-dir (a symlink?); adapters are read from inside it only")
+        if root is not None:   # read what was checked, not whatever a link swapped in since points at
+            config_file, weights_file = config_file.resolve(), weights_file.resolve()
         if not config_file.is_file():
             raise LoRAError(f"{path} is not a PEFT adapter: adapter_config.json not found")
         if not weights_file.is_file():

@@ -6,6 +6,7 @@ method or content included), 404 for an unknown model or route, 500 only for the
 POST /generate {"prompt": str | [int], "model": str, "stream": bool, "request_id": str, ...SamplingParams fields}
 answers {"text", "token_ids", "finish_reason", "usage"}, or server-sent events of deltas when streaming.
 """
+import asyncio
 import dataclasses
 import json
 import logging
@@ -23,8 +24,8 @@ from server.auth import AccessControl
 from server.http.access import AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
-from server.http.protocol import (AUDIT_DETAILS, DEFAULT_MAX_CHOICES, MAX_BODY_BYTES, ApiError, engine_refusal,
-                                  parse_chat)
+from server.http.protocol import (AUDIT_DETAILS, BODY_TIMEOUT_S, DEFAULT_MAX_CHOICES, MAX_BODY_BYTES, ApiError,
+                                  engine_refusal, parse_chat)
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
@@ -42,13 +43,17 @@ async def json_body(request: Request) -> dict:
         raise too_large
     chunks, size = [], 0
     try:
-        async for chunk in request.stream():   # read no further than the limit, whatever the header said
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise too_large
-            chunks.append(chunk)
+        async with asyncio.timeout(BODY_TIMEOUT_S):   # a body dripped in byte by byte holds nothing for long
+            async for chunk in request.stream():   # read no further than the limit, whatever the header said
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise too_large
+                chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(499, "client disconnected", type_="client_disconnected") from None
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s", type_="timeout_error",
+                       code="body_timeout") from None
     raw = b"".join(chunks)
     try:
         body = json.loads(raw)

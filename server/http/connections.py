@@ -11,17 +11,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger(__name__)
 
 
-class _HeadersTooLarge(Exception):
-    pass
-
-
 def guarded_protocol(max_connections: int, header_timeout: float, max_header_bytes: int) -> type:
     """An HttpToolsProtocol class with these limits, for uvicorn.Config(http=...)."""
 
     class GuardedHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport):
             super().connection_made(transport)
-            self._header_bytes, self._header_timer, self._refused = 0, None, False
+            # bytes received since the current request began, counted until its headers are complete
+            self._header_bytes, self._in_headers, self._header_timer, self._refused = 0, True, None, False
             if len(self.connections) > max_connections:
                 self._refuse(503, f"the server holds its maximum of {max_connections} connections "
                                   f"(--max-connections); retry later")
@@ -32,33 +29,36 @@ def guarded_protocol(max_connections: int, header_timeout: float, max_header_byt
             self._cancel_header_timer()
             super().connection_lost(exc)
 
+        def data_received(self, data: bytes):
+            # Counted before the parser sees them: it buffers an unfinished header value whole, however long.
+            if self._in_headers and not self._refused:
+                room = max_header_bytes - self._header_bytes
+                end = data.find(b"\r\n\r\n", 0, max(room, 0) + 4)   # the headers end within the room: fine
+                self._header_bytes += len(data) if end == -1 else end + 4
+                if end == -1 and self._header_bytes > max_header_bytes:
+                    self._refuse(431, f"the request line and headers are larger than {max_header_bytes} bytes "
+                                      f"(--max-header-bytes)")
+                    return
+            if not self._refused:
+                super().data_received(data)
+
         def on_message_begin(self):
             super().on_message_begin()
-            self._header_bytes = 0
+            self._in_headers = True
             self._arm_header_timer()
-
-        def on_url(self, url: bytes):
-            self._count(len(url))
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes):
-            self._count(len(name) + len(value) + 4)
-            super().on_header(name, value)
 
         def on_headers_complete(self):
             self._cancel_header_timer()
+            self._in_headers, self._header_bytes = False, 0
             super().on_headers_complete()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            self._in_headers = True   # what arrives next belongs to the next request's headers
 
         def send_400_response(self, msg: str):
             if not self._refused:   # the parser reports our own refusal as a parse error: already answered
                 super().send_400_response(msg)
-
-        def _count(self, n: int):
-            self._header_bytes += n
-            if self._header_bytes > max_header_bytes:
-                self._refuse(431, f"the request line and headers are larger than {max_header_bytes} bytes "
-                                  f"(--max-header-bytes)")
-                raise _HeadersTooLarge()
 
         def _arm_header_timer(self):
             if self._header_timer is None and not self.transport.is_closing():

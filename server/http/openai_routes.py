@@ -145,7 +145,15 @@ class OpenAIRoutes:
                 self.engine.check_capacity(len(choices))   # a full queue refuses the request once, not per choice
             except ServerBusyError as e:
                 raise engine_refusal(e) from None
-        streams = [self.engine.generate(c.prompt, c.params, f"{rid}-{c.index}", adapter, parse_special_tokens)
+        token_ids: dict[str, list[int]] = {}   # each distinct text prompt tokenized once, however many copies
+        try:
+            for c in choices:
+                if isinstance(c.prompt, str) and c.prompt and c.prompt not in token_ids:
+                    token_ids[c.prompt] = await self.engine.tokenize(c.prompt, parse_special_tokens=parse_special_tokens)
+        except InvalidRequestError as e:
+            raise engine_refusal(e) from None
+        streams = [self.engine.generate(token_ids.get(c.prompt, c.prompt) if isinstance(c.prompt, str) else c.prompt,
+                                        c.params, f"{rid}-{c.index}", adapter, parse_special_tokens)
                    for c in choices]
         firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
         errors = [e for e in firsts if isinstance(e, BaseException)]

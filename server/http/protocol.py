@@ -14,6 +14,7 @@ RATE_CHARGE = "lmserve.rate_charge"   # scope key: takes more turns of the calle
 AUDIT_DETAILS = "lmserve.audit_details"   # scope key: what a route adds to its audit-log entry (adapter, path)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_BODY_BYTES = 4 * 2**20   # a request body larger than this is refused before it is parsed
+BODY_TIMEOUT_S = 30           # a request body not complete this long after its headers is refused (408)
 
 
 class ApiError(Exception):

@@ -54,6 +54,8 @@ def fuse_for_cpu(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor |
     sizes, start = [m.weight.shape[0] for m in linears], 0
     for m, n in zip(linears, sizes):
         m.weight.data = fused[start:start + n]
+        if bias is not None:
+            m.bias.data = bias[start:start + n]
         start += n
     return fused, bias, sizes
 

