@@ -10,7 +10,6 @@ the peer a CPU user would pick; it is timed too when `llama_cpp` is importable (
 """
 import argparse
 import asyncio
-import gc
 import json
 import random
 import time
@@ -62,8 +61,6 @@ def transformers_speed(path: str, dtype: str, batch: int, prompt_tokens: int, ou
     run(4)  # warm-up
     prefill = min(run(1) for _ in range(3))
     total = min(run(output_tokens) for _ in range(2))
-    del model
-    gc.collect()
     return {"tokens_per_s": batch * (output_tokens - 1) / (total - prefill), "percent_of_floor": None}
 
 

@@ -1,7 +1,6 @@
 """The official openai client, sync and async, against a live server: outputs, streaming, n, logprobs, errors."""
 import asyncio
 import json
-import time
 
 import httpx
 import openai
