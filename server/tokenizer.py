@@ -46,8 +46,9 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     def placeholder(text: str) -> str:
         texts.append(text)
         return f"lmserve{nonce}x{len(texts) - 1}x"
-    guarded = [{k: placeholder(v) if k in ("content", "name") and isinstance(v, str) else v for k, v in m.items()}
-               for m in messages]
+    # empty strings stay empty: templates test content for truth (an assistant turn with only tool calls)
+    guarded = [{k: placeholder(v) if k in ("content", "name") and isinstance(v, str) and v else v
+                for k, v in m.items()} for m in messages]
     rendered = render_chat(tokenizer, guarded, add_generation_prompt)
     added = tokenizer.get_added_vocab()
     controls = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
