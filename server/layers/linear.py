@@ -43,23 +43,6 @@ class Linear(nn.Module):
             self.weight.data = self.weight.data.t().contiguous().t()
 
 
-def fuse_for_cpu(linears: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None, list[int]] | None:
-    """Projections of one input as one input-major weight [K, N1 + N2 + ...] (seen as [N, K]) and bias, so the
-    CPU reads x once and runs one matmul; each Linear's weight becomes a view of it, so nothing is held twice.
-    None unless all are float Linears with a bias each or none."""
-    if any(type(m) is not Linear for m in linears) or len({m.bias is None for m in linears}) != 1:
-        return None
-    fused = torch.cat([m.weight.data.t() for m in linears], dim=1).contiguous().t()   # [N, K], stored [K, N]
-    bias = None if linears[0].bias is None else torch.cat([m.bias.data for m in linears])
-    sizes, start = [m.weight.shape[0] for m in linears], 0
-    for m, n in zip(linears, sizes):
-        m.weight.data = fused[start:start + n]
-        if bias is not None:
-            m.bias.data = bias[start:start + n]
-        start += n
-    return fused, bias, sizes
-
-
 class Int8Linear(nn.Module):
     """Weight-only int8 with a float32 scale per output channel."""
 
@@ -219,6 +202,58 @@ class BnbLinear(nn.Module):
         # LLM.int8 computes in float16 (it casts, with a warning per call, otherwise); NF4 in the serving dtype.
         y = self.inner(x.to(torch.float16) if self.method == "bnb-int8" else x).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+
+class FusedProjections:
+    """Projections of one input run as one matmul on CPU: called with x, returns each projection's y."""
+
+    def __init__(self, matmul, bias: torch.Tensor | None, sizes: list[int]):
+        self.matmul, self.bias, self.sizes = matmul, bias, sizes
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.matmul(x)
+        return (y if self.bias is None else y + self.bias).split(self.sizes, dim=-1)
+
+
+def fuse_for_cpu(linears: list[nn.Module]) -> FusedProjections | None:
+    """Projections of one input (q/k/v, gate/up) as one matmul, so the CPU reads x once: float weights as one
+    input-major [K, N1 + N2 + ...] (seen as [N, K]), int8 and int4 ones on the packed kernels as one packed
+    weight with their scales. Each layer's weight becomes a view of the fused one, so nothing big is held
+    twice. None for other kinds, or unless all have a bias or none has."""
+    if len({type(m) for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
+        return None
+    sizes = [m.out_features if hasattr(m, "out_features") else m.weight.shape[0] for m in linears]
+    bias = None if linears[0].bias is None else _fuse_rows([m.bias for m in linears], sizes)
+    if type(linears[0]) is Linear:
+        fused = torch.cat([m.weight.data.t() for m in linears], dim=1).contiguous().t()   # [N, K], stored [K, N]
+        _as_views([m.weight for m in linears], fused, sizes)
+        return FusedProjections(lambda x: F.linear(x, fused), bias, sizes)
+    if type(linears[0]) is Int8Linear and all(m.cpu_kernel for m in linears):
+        weight = _fuse_rows([m.weight for m in linears], sizes)
+        scales = _fuse_rows([m.scales for m in linears], sizes)
+        return FusedProjections(lambda x: cpu.int8_matmul(x, weight, scales), bias, sizes)
+    if (type(linears[0]) is GPTQLinear and all(m.int4_weight is not None and m.perm is None for m in linears)
+            and len({m.int4_group_size for m in linears}) == 1 and all(n % 64 == 0 for n in sizes[:-1])):
+        # the kernel packs rows in blocks of 64, so packed parts of whole blocks, one after another, are the
+        # packing of their rows together; the small scales are copied
+        packed = _fuse_rows([m.int4_weight for m in linears], sizes)
+        scales_and_zeros = torch.cat([m.int4_scales_and_zeros.data for m in linears], dim=1).contiguous()
+        group_size = linears[0].int4_group_size
+        return FusedProjections(lambda x: cpu.int4_matmul(x, packed, group_size, scales_and_zeros), bias, sizes)
+    return None
+
+
+def _fuse_rows(params: list[nn.Parameter], sizes: list[int]) -> torch.Tensor:
+    fused = torch.cat([p.data for p in params])
+    _as_views(params, fused, sizes)
+    return fused
+
+
+def _as_views(params: list[nn.Parameter], fused: torch.Tensor, sizes: list[int]):
+    start = 0
+    for p, n in zip(params, sizes):
+        p.data = fused[start:start + n]
+        start += n
 
 
 def weight_bytes(module: nn.Module) -> int:

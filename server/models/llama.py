@@ -3,7 +3,6 @@
 Parameter names mirror the Hugging Face checkpoints so the loader maps tensors by name.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from server.layers.attention import AttentionMetadata
@@ -43,8 +42,7 @@ class LlamaAttention(nn.Module):
         # x: [T, D]
         i = self.layer_idx
         if self.qkv is not None:
-            weight, bias, sizes = self.qkv
-            q, k, v = F.linear(x, weight, bias).split(sizes, dim=-1)
+            q, k, v = self.qkv(x)
             if lora is not None:
                 q, k, v = (lora.apply(i, name, x, y) for name, y in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)))
         else:
@@ -73,8 +71,7 @@ class LlamaMLP(nn.Module):
     def forward(self, x, lora=None):
         i = self.layer_idx
         if self.gate_up is not None:
-            weight, bias, sizes = self.gate_up
-            gate, up = F.linear(x, weight, bias).split(sizes, dim=-1)
+            gate, up = self.gate_up(x)
             if lora is not None:
                 gate, up = lora.apply(i, "gate_proj", x, gate), lora.apply(i, "up_proj", x, up)
         else:
