@@ -13,6 +13,7 @@ import asyncio
 import json
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -90,7 +91,7 @@ async def main(args) -> dict:
     from server.default_model import default_gguf
     from server.model_source import resolve_model
     source = resolve_model(args.model)
-    vocab_size = json.load(open(f"{source.path}/config.json"))["vocab_size"]
+    vocab_size = json.loads(Path(source.path, "config.json").read_text())["vocab_size"]
     bandwidth = copy_bandwidth(torch.device("cpu"), 1 << 30, graph=False)
     batches = sorted({1, args.batch})
     results: dict[tuple, dict] = {}
@@ -105,9 +106,9 @@ async def main(args) -> dict:
                                                                args.output_tokens, vocab_size)
                 print(f"transformers {mode:9s} batch {b:3d}: {results[(f'hf-{mode}', b)]['tokens_per_s']:7.1f} tok/s",
                       flush=True)
-    gguf = args.gguf or (str(default_gguf()) if args.model is None and default_gguf() else None)
+    gguf = args.gguf or (default_gguf() if args.model is None else None)
     if gguf:
-        peer = llama_cpp_speed(gguf, args.prompt_tokens, args.output_tokens, torch.get_num_threads())
+        peer = llama_cpp_speed(str(gguf), args.prompt_tokens, args.output_tokens, torch.get_num_threads())
         if peer is not None:
             results[("llama.cpp", 1)] = peer
     print(format_table(results, args.batch, bandwidth))

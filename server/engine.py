@@ -342,25 +342,24 @@ class AsyncEngine:
         """A text's token ids. A text too long to fit the context whatever its tokens is refused before any
         tokenizing, and a long one is tokenized on a worker thread, so one big prompt never stalls the others.
         Control-token strings in it stay text unless parse_special_tokens."""
-        self._check_prompt_chars(len(text), param)
-        encode = functools.partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens,
-                                   split_special_tokens=not parse_special_tokens)
-        return encode() if len(text) < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
+        return await self._encode_bounded(len(text), param, functools.partial(
+            self.tokenizer.encode, text, add_special_tokens=add_special_tokens,
+            split_special_tokens=not parse_special_tokens))
 
     async def tokenize_chat(self, messages: list[dict]) -> list[int]:
         """A chat prompt's token ids (server/tokenizer.py encode_chat), bounded and off the loop as tokenize()."""
         # each message costs the template some characters of its own, whatever its content
         chars = sum(_MESSAGE_CHARS + sum(len(m[k]) for k in ("content", "name") if isinstance(m.get(k), str))
                     for m in messages)
-        self._check_prompt_chars(chars, "messages")
-        encode = functools.partial(encode_chat, self.tokenizer, messages)
-        return encode() if chars < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
+        return await self._encode_bounded(chars, "messages", functools.partial(encode_chat, self.tokenizer, messages))
 
-    def _check_prompt_chars(self, chars: int, param: str):
+    async def _encode_bounded(self, chars: int, param: str, encode) -> list[int]:
+        """encode() for a prompt of chars characters: refused when too long to fit, off the loop when long."""
         if chars > self.max_prompt_chars:
             raise InvalidRequestError(
                 f"the prompt has {chars} characters; no text over {self.max_prompt_chars} can fit this model's "
                 f"maximum context length of {self.max_model_len} tokens", param)
+        return encode() if chars < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(encode)
 
     def _make_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str) -> Sequence:
         token_ids = list(token_ids)
@@ -548,12 +547,5 @@ def _adapters_in(lora_dir: str | None) -> list[tuple[str, str]]:
     root = Path(lora_dir)
     if not root.is_dir():
         raise LoRAError(f"--lora-dir {lora_dir} is not a directory")
-    inside = []
-    for d in sorted(root.iterdir()):
-        if not (d / "adapter_config.json").is_file():
-            continue
-        if not d.resolve().is_relative_to(root.resolve()):
-            log.error("--lora-dir: skipped adapter %r: %s leads outside --lora-dir (a symlink?)", d.name, d)
-            continue
-        inside.append((d.name, str(d)))
-    return inside
+    # one that leads outside the directory (a symlink) is refused by load_adapter's root check, file by file
+    return [(d.name, str(d)) for d in sorted(root.iterdir()) if (d / "adapter_config.json").is_file()]

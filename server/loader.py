@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from server.layers.linear import Linear, LinearFactory, weight_bytes
+from server.layers.linear import LinearFactory, weight_bytes
 from server.layers.ops import select_ops
 from server.models.llama import LlamaForCausalLM
 from server.models.model_config import ModelConfig
@@ -90,9 +90,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
     for module in model.modules():
         if hasattr(module, "finish_loading"):
             module.finish_loading()
-        if device.type == "cpu" and linear.ops.name == "torch" and isinstance(module, Linear):
-            module.lay_out_for_cpu()
     if device.type == "cpu" and linear.ops.name == "torch":
+        model.lm_head.lay_out_for_cpu()   # the decoder's wide projections are laid out by fuse_for_cpu
         for module in model.modules():
             if hasattr(module, "fuse_for_cpu"):
                 module.fuse_for_cpu()

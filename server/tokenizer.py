@@ -1,4 +1,5 @@
 """Tokenizer loading, chat templates, and incremental detokenization that never splits a multi-byte character."""
+import functools
 import json
 import re
 import secrets
@@ -50,9 +51,7 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     guarded = [{k: placeholder(v) if k in ("content", "name") and isinstance(v, str) and v else v
                 for k, v in m.items()} for m in messages]
     rendered = render_chat(tokenizer, guarded, add_generation_prompt)
-    added = tokenizer.get_added_vocab()
-    controls = re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")") \
-        if added else None
+    added, controls = _control_tokens(tokenizer)
     ids: list[int] = []
     run = ""   # text since the last control token
     for i, piece in enumerate(re.split(f"lmserve{nonce}x(\\d+)x", rendered)):
@@ -70,6 +69,16 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     if run:
         ids += tokenizer.encode(run, add_special_tokens=False, split_special_tokens=True)
     return ids
+
+
+@functools.lru_cache(maxsize=8)
+def _control_tokens(tokenizer) -> tuple[dict[str, int], re.Pattern | None]:
+    """The tokenizer's added tokens (text -> id) and a pattern that splits text at them, longest first; made once
+    per tokenizer, not per request."""
+    added = tokenizer.get_added_vocab()
+    if not added:
+        return added, None
+    return added, re.compile("(" + "|".join(re.escape(t) for t in sorted(added, key=len, reverse=True)) + ")")
 
 
 class IncrementalDetokenizer:

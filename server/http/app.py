@@ -25,7 +25,7 @@ from server.http.access import AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
 from server.http.protocol import (AUDIT_DETAILS, BODY_TIMEOUT_S, DEFAULT_MAX_CHOICES, MAX_BODY_BYTES, ApiError,
-                                  engine_refusal, parse_chat)
+                                  engine_refusal, optional_field, parse_chat)
 from server.metrics import CONTENT_TYPE
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
@@ -96,19 +96,16 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None,
             try:
                 tokens = await engine.tokenize_chat(messages)
             except InvalidRequestError as e:
-                raise ApiError(400, str(e), e.param) from None
+                raise engine_refusal(e) from None
             except Exception as e:
                 raise ApiError(400, f"the chat template could not render these messages: {e}", "messages") from None
         elif isinstance(body.get("prompt"), str):
-            flags = {}
-            for name in ("add_special_tokens", "parse_special_tokens"):
-                flags[name] = body.get(name, name == "add_special_tokens")
-                if not isinstance(flags[name], bool):
-                    raise ApiError(400, f"{name} must be a boolean", name)
+            add_special = optional_field(body, "add_special_tokens", bool, default=True)
+            parse_special = optional_field(body, "parse_special_tokens", bool, default=False)
             try:
-                tokens = await engine.tokenize(body["prompt"], **flags)
+                tokens = await engine.tokenize(body["prompt"], add_special, parse_special)
             except InvalidRequestError as e:
-                raise ApiError(400, str(e), e.param) from None
+                raise engine_refusal(e) from None
         else:
             raise ApiError(400, "send prompt (a string) or messages (a list)", "prompt")
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_model_len})
@@ -133,9 +130,7 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None,
             model = body.get("model")
             if model is not None and not isinstance(model, str):
                 raise InvalidRequestError("model must be a string: the base model's or a LoRA adapter's name", "model")
-            parse_special = body.get("parse_special_tokens", False)
-            if not isinstance(parse_special, bool):
-                raise InvalidRequestError("parse_special_tokens must be a boolean", "parse_special_tokens")
+            parse_special = optional_field(body, "parse_special_tokens", bool, default=False)
             stream = engine.generate(prompt, params, body.get("request_id"), model, parse_special)
             first = await until_disconnect(request, anext(stream))  # refusals surface here, before any byte
         except (InvalidRequestError, ModelNotFoundError, ServerBusyError, ShuttingDownError, RequestFailedError) as e:

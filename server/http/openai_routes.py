@@ -104,7 +104,7 @@ class OpenAIRoutes:
         try:
             prompt_ids = await self.engine.tokenize_chat(req.messages)
         except InvalidRequestError as e:
-            raise ApiError(400, str(e), e.param) from None
+            raise engine_refusal(e) from None
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # a template that raises on these messages (jinja2 errors, role checks)

@@ -87,15 +87,15 @@ def parse_completion(body: dict) -> CompletionRequest:
     else:
         raise ApiError(400, "prompt must be a string, a list of strings, a list of token ids, or a list of "
                             "token-id lists (none of them empty)", "prompt")
-    logprobs = _opt(body, "logprobs", int)
+    logprobs = optional_field(body, "logprobs", int)
     if logprobs is not None and not 0 <= logprobs <= 20:
         raise ApiError(400, f"logprobs must be between 0 and 20; got {logprobs}", "logprobs")
-    echo = bool(_opt(body, "echo", bool) or False)
-    params = _sampling_params(body, max_tokens=_opt(body, "max_tokens", int, default=16), logprobs=logprobs,
+    echo = bool(optional_field(body, "echo", bool) or False)
+    params = _sampling_params(body, max_tokens=optional_field(body, "max_tokens", int, default=16), logprobs=logprobs,
                               prompt_logprobs=logprobs if echo and logprobs is not None else None)
     stream, include_usage = _stream(body)
     return CompletionRequest(model, prompts, params, _n(body), stream, include_usage, echo,
-                             bool(_opt(body, "parse_special_tokens", bool, default=False)))
+                             bool(optional_field(body, "parse_special_tokens", bool, default=False)))
 
 
 def parse_chat(body: dict) -> ChatRequest:
@@ -104,15 +104,15 @@ def parse_chat(body: dict) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages")
     parsed = [_message(m, i) for i, m in enumerate(messages)]
-    want_logprobs = bool(_opt(body, "logprobs", bool) or False)
-    top = _opt(body, "top_logprobs", int)
+    want_logprobs = bool(optional_field(body, "logprobs", bool) or False)
+    top = optional_field(body, "top_logprobs", int)
     if top is not None and not 0 <= top <= 20:
         raise ApiError(400, f"top_logprobs must be between 0 and 20; got {top}", "top_logprobs")
     if top is not None and not want_logprobs:
         raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
-    max_tokens = _opt(body, "max_completion_tokens", int)
+    max_tokens = optional_field(body, "max_completion_tokens", int)
     if max_tokens is None:
-        max_tokens = _opt(body, "max_tokens", int)
+        max_tokens = optional_field(body, "max_tokens", int)
     params = _sampling_params(body, max_tokens=max_tokens, logprobs=(top or 0) if want_logprobs else None)
     stream, include_usage = _stream(body)
     return ChatRequest(model, parsed, params, _n(body), stream, include_usage, want_logprobs)
@@ -149,20 +149,20 @@ def _message(m, i: int) -> dict:
 
 
 def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:
-    temperature = _opt(body, "temperature", (int, float), default=1.0)
+    temperature = optional_field(body, "temperature", (int, float), default=1.0)
     try:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=_opt(body, "top_p", (int, float), default=1.0),
-            top_k=_opt(body, "top_k", int, default=-1), min_p=_opt(body, "min_p", (int, float), default=0.0),
-            repetition_penalty=_opt(body, "repetition_penalty", (int, float), default=1.0),
-            presence_penalty=_opt(body, "presence_penalty", (int, float), default=0.0),
-            frequency_penalty=_opt(body, "frequency_penalty", (int, float), default=0.0),
-            seed=_opt(body, "seed", int), stop=body.get("stop"),
-            stop_token_ids=_opt(body, "stop_token_ids", list, default=[]),
-            min_tokens=_opt(body, "min_tokens", int, default=0), ignore_eos=_opt(body, "ignore_eos", bool, default=False),
+            max_tokens=max_tokens, temperature=temperature, top_p=optional_field(body, "top_p", (int, float), default=1.0),
+            top_k=optional_field(body, "top_k", int, default=-1), min_p=optional_field(body, "min_p", (int, float), default=0.0),
+            repetition_penalty=optional_field(body, "repetition_penalty", (int, float), default=1.0),
+            presence_penalty=optional_field(body, "presence_penalty", (int, float), default=0.0),
+            frequency_penalty=optional_field(body, "frequency_penalty", (int, float), default=0.0),
+            seed=optional_field(body, "seed", int), stop=body.get("stop"),
+            stop_token_ids=optional_field(body, "stop_token_ids", list, default=[]),
+            min_tokens=optional_field(body, "min_tokens", int, default=0), ignore_eos=optional_field(body, "ignore_eos", bool, default=False),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=body.get("logit_bias"),
-            include_stop_str_in_output=_opt(body, "include_stop_str_in_output", bool, default=False),
-            skip_special_tokens=_opt(body, "skip_special_tokens", bool, default=True))
+            include_stop_str_in_output=optional_field(body, "include_stop_str_in_output", bool, default=False),
+            skip_special_tokens=optional_field(body, "skip_special_tokens", bool, default=True))
     except InvalidRequestError as e:
         raise ApiError(400, str(e), e.param) from None
 
@@ -178,14 +178,14 @@ def _model(body: dict) -> str | None:
 
 
 def _n(body: dict) -> int:
-    n = _opt(body, "n", int, default=1)
+    n = optional_field(body, "n", int, default=1)
     if not 1 <= n <= MAX_N:
         raise ApiError(400, f"n must be between 1 and {MAX_N}; got {n}", "n")
     return n
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
-    stream = bool(_opt(body, "stream", bool, default=False))
+    stream = bool(optional_field(body, "stream", bool, default=False))
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
@@ -198,7 +198,8 @@ def _stream(body: dict) -> tuple[bool, bool]:
 _TYPE_NAMES = {int: "an integer", bool: "a boolean", list: "a list", (int, float): "a number"}
 
 
-def _opt(body: dict, name: str, kind, default=None):
+def optional_field(body: dict, name: str, kind, default=None):
+    """body[name] checked to be of kind (bool, int, list, or (int, float) for a number); default when absent."""
     value = body.get(name)
     if value is None:
         return default
