@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -53,6 +54,7 @@ def metrics(url: str) -> dict[tuple, float]:
 
 def idle_state(url: str, pid: int) -> tuple:
     m = metrics(url)
+    time.sleep(0.1)   # the scrape's own connection, closed by the client, is closed on the server side too
     return (metric_total(m, "lmserve_event_loop_tasks"), metric_total(m, "lmserve_threads"),
             len(os.listdir(f"/proc/{pid}/fd")))
 
