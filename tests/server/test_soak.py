@@ -55,23 +55,8 @@ def metrics(url: str) -> dict[tuple, float]:
 def idle_state(url: str, pid: int) -> tuple:
     m = metrics(url)
     time.sleep(0.1)   # the scrape's own connection, closed by the client, is closed on the server side too
-    return (metric_total(m, "lmserve_event_loop_tasks"), metric_total(m, "lmserve_threads"), open_fds(pid))
-
-
-def open_fds(pid: int) -> int:
-    """The process's open files and network sockets. Unix socket pairs are left out: gRPC's event engine opens
-    and closes its wake-up pairs on its own schedule (the full suite saw one come and go across the idle
-    check), while a leaked connection, file or pipe still counts."""
-    with open(f"/proc/{pid}/net/unix") as f:
-        unix = {line.split()[6] for line in f.readlines()[1:]}
-    count = 0
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:   # closed while listed
-            continue
-        count += not (target.startswith("socket:[") and target[8:-1] in unix)
-    return count
+    return (metric_total(m, "lmserve_event_loop_tasks"), metric_total(m, "lmserve_threads"),
+            len(os.listdir(f"/proc/{pid}/fd")))
 
 
 def wait_until_idle(url: str, pid: int, baseline: tuple | None, timeout: float = 20.0) -> tuple:
