@@ -73,7 +73,7 @@ def wait_until_idle(url: str, pid: int, baseline: tuple | None, timeout: float =
         if busy == (0, 0, 0) and (baseline is None or all(now <= then for now, then in zip(state, baseline))):
             return state
         asyncio.run(asyncio.sleep(0.2))
-    if busy == (0, 0, 0) and state[:2] <= baseline[:2]:
+    if busy == (0, 0, 0) and all(now <= then for now, then in zip(state[:2], baseline[:2])):
         # KNOWN OPEN PROBLEM (see the closing note of 2026-11-29): in full-suite runs only, one TCP socket
         # created during the soak outlives it by 20 s; reported here, not failed, until its cause is found
         fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
