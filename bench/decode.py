@@ -4,7 +4,7 @@ A decode step must read every weight the forward pass uses (all but the embeddin
 one row per token) and the KV cache of each sequence, so at batch 1 tokens/s can be at most the device's
 memory bandwidth over those bytes. This measures that bandwidth (a large device-to-device copy: bytes read
 plus bytes written over the time), the bytes a step reads, and the tokens/s the engine reaches, request by
-request through `AsyncEngine.generate` as a client sees them (Python and launch overhead included), and
+request through `InProcessEngineClient.generate` as a client sees them (Python and launch overhead included), and
 prints the ratio:
 
     python -m bench.decode --model random:llama-2-7b --dtype float16 --quant int4 --batch 1
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from bench.kernels import copy_bandwidth
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import InProcessEngineClient, in_process_engine
 from server.sampling import SamplingParams
 
 
@@ -47,19 +47,19 @@ class DecodeReport:
         return 100 * self.tokens_per_s / self.floor_tokens_per_s
 
 
-def bytes_per_step(engine: AsyncEngine, context_tokens: int, batch: int) -> int:
+def bytes_per_step(engine: InProcessEngineClient, context_tokens: int, batch: int) -> int:
     """Weights a decode step reads (the embedding table only by rows, so not counted unless tied to lm_head),
     plus the K and V of every layer over the context, per sequence."""
-    model = engine.model
+    model = engine.core.model
     embedding = model.model.embed_tokens.weight
     tied = model.lm_head.weight is embedding
     weights = model.weight_bytes - (0 if tied else embedding.numel() * embedding.element_size())
     cfg = model.config
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.dtype.itemsize
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.core.dtype.itemsize
     return weights + batch * context_tokens * kv
 
 
-async def _decode(engine: AsyncEngine, prompt: list[int], max_tokens: int) -> list[float]:
+async def _decode(engine: InProcessEngineClient, prompt: list[int], max_tokens: int) -> list[float]:
     """Gaps between a request's consecutive tokens, in seconds."""
     times = []
     async for _ in engine.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)):
@@ -67,7 +67,7 @@ async def _decode(engine: AsyncEngine, prompt: list[int], max_tokens: int) -> li
     return [b - a for a, b in zip(times, times[1:])]
 
 
-async def measure(engine: AsyncEngine, batch: int, prompt_tokens: int, output_tokens: int, seed: int = 0,
+async def measure(engine: InProcessEngineClient, batch: int, prompt_tokens: int, output_tokens: int, seed: int = 0,
                   bandwidth: float | None = None) -> DecodeReport:
     rng = random.Random(seed)
     prompts = [[rng.randrange(5, engine.vocab_size - 1) for _ in range(prompt_tokens)] for _ in range(batch)]
@@ -76,12 +76,12 @@ async def measure(engine: AsyncEngine, batch: int, prompt_tokens: int, output_to
     p50 = statistics.median(gaps)
     context = prompt_tokens + output_tokens
     step_bytes = bytes_per_step(engine, context, batch)
-    bandwidth = bandwidth or copy_bandwidth(engine.device, 1 << 30, graph=False)
+    bandwidth = bandwidth or copy_bandwidth(engine.core.device, 1 << 30, graph=False)
     return DecodeReport(
-        model=str(engine.model_path), device=str(engine.device), dtype=str(engine.dtype).removeprefix("torch."),
-        quant=engine.config.quant, kernels=engine.model.ops.name,
-        cuda_graphs=engine.runner.decode_graphs is not None, batch=batch, context_tokens=context,
-        weight_bytes=engine.model.weight_bytes, bytes_per_step=step_bytes, copy_gb_per_s=bandwidth / 1e9,
+        model=str(engine.model_path), device=str(engine.core.device), dtype=str(engine.core.dtype).removeprefix("torch."),
+        quant=engine.core.config.quant, kernels=engine.core.model.ops.name,
+        cuda_graphs=engine.core.runner.decode_graphs is not None, batch=batch, context_tokens=context,
+        weight_bytes=engine.core.model.weight_bytes, bytes_per_step=step_bytes, copy_gb_per_s=bandwidth / 1e9,
         floor_tokens_per_s=bandwidth / step_bytes, tokens_per_s=1 / p50, total_tokens_per_s=batch / p50,
         inter_token_ms_p50=1000 * p50, inter_token_ms_p90=1000 * statistics.quantiles(gaps, n=10)[-1])
 
@@ -100,7 +100,7 @@ def format_report(r: DecodeReport) -> str:
 
 
 async def main(args) -> DecodeReport:
-    engine = AsyncEngine(EngineConfig(model=args.model, quant=args.quant, dtype=args.dtype, quant_group_size=args.group_size,
+    engine = in_process_engine(EngineConfig(model=args.model, quant=args.quant, dtype=args.dtype, quant_group_size=args.group_size,
                                       max_batch_size=max(args.batch, 1), max_wait_ms=0, enable_prefix_caching=False,
                                       enforce_eager=args.enforce_eager,
                                       kv_cache_tokens=args.batch * (args.prompt_tokens + args.output_tokens + 64),

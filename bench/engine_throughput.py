@@ -9,11 +9,11 @@ import random
 import time
 
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import InProcessEngineClient, in_process_engine
 from server.sampling import SamplingParams
 
 
-async def run_batch(engine: AsyncEngine, prompts, params) -> float:
+async def run_batch(engine: InProcessEngineClient, prompts, params) -> float:
     async def one(p):
         async for _ in engine.generate(p, params):
             pass
@@ -22,7 +22,7 @@ async def run_batch(engine: AsyncEngine, prompts, params) -> float:
     return time.perf_counter() - start
 
 
-async def run_sequential(engine: AsyncEngine, prompts, params) -> float:
+async def run_sequential(engine: InProcessEngineClient, prompts, params) -> float:
     start = time.perf_counter()
     for p in prompts:
         async for _ in engine.generate(p, params):
@@ -31,7 +31,7 @@ async def run_sequential(engine: AsyncEngine, prompts, params) -> float:
 
 
 async def main(args):
-    engine = AsyncEngine(EngineConfig(model=args.model, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+    engine = in_process_engine(EngineConfig(model=args.model, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                                       kv_cache_tokens=args.kv_cache_tokens, enable_prefix_caching=False,
                                       quant=args.quant, dtype=args.dtype))
     rng = random.Random(args.seed)
@@ -40,11 +40,11 @@ async def main(args):
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_tokens, ignore_eos=True)
     await run_batch(engine, prompts[:4], params)  # warm-up
     out_tokens = args.num_requests * args.output_tokens
-    print(f"model={engine.model_path} device={engine.device} dtype={engine.dtype} quant={args.quant} kernels={engine.model.ops.name} "
+    print(f"model={engine.model_path} device={engine.core.device} dtype={engine.core.dtype} quant={args.quant} kernels={engine.core.model.ops.name} "
           f"requests={args.num_requests} prompt={args.prompt_tokens} output={args.output_tokens}")
-    steps0 = engine.num_steps
+    steps0 = engine.core.num_steps
     batched = await run_batch(engine, prompts, params)
-    steps = engine.num_steps - steps0
+    steps = engine.core.num_steps - steps0
     print(f"batched     : {batched:7.2f} s  {out_tokens / batched:9.1f} output tok/s  "
           f"{args.num_requests / batched:7.1f} req/s  {steps} steps ({batched / steps * 1000:.2f} ms/step)")
     n_seq = max(1, args.num_requests // args.sequential_fraction)

@@ -1,6 +1,6 @@
 """python -m bench.versus_transformers: decode speed per weight format beside transformers' generate, in one run.
 
-For each mode (float32, bfloat16, int8, int4) it measures lmserve's decode speed through AsyncEngine.generate at
+For each mode (float32, bfloat16, int8, int4) it measures lmserve's decode speed through InProcessEngineClient.generate at
 batch 1 and with --batch concurrent requests (bench.decode's measure: the median inter-token gap, plus the
 bandwidth floor), and transformers' greedy `generate` on the same weights at the same batch sizes (float
 modes only: transformers has no int8/int4 CPU path of its own). llama.cpp decoding the model's GGUF file is
@@ -20,7 +20,7 @@ import torch
 from bench.decode import measure
 from bench.kernels import copy_bandwidth
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 
 MODES = {"float32": ("float32", "none"), "bfloat16": ("bfloat16", "none"), "int8": ("float32", "int8"),
          "int4": ("float32", "int4")}
@@ -35,7 +35,7 @@ TARGETS = [  # (what, numerator, denominator, target ratio)
 
 async def lmserve_speed(model: str | None, dtype: str, quant: str, batch: int, prompt_tokens: int,
                         output_tokens: int, bandwidth: float) -> dict:
-    engine = AsyncEngine(EngineConfig(model=model, dtype=dtype, quant=quant, max_batch_size=batch, max_wait_ms=0,
+    engine = in_process_engine(EngineConfig(model=model, dtype=dtype, quant=quant, max_batch_size=batch, max_wait_ms=0,
                                       enable_prefix_caching=False,
                                       kv_cache_tokens=batch * (prompt_tokens + output_tokens + 64)))
     try:

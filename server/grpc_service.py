@@ -12,8 +12,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from server.auth import AccessControl
-from server.engine import (AsyncEngine, ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError,
-                           ShutdownAbortError, ShuttingDownError)
+from server.engine_client import EngineClient
+from server.errors import ModelNotFoundError, RequestFailedError, ShutdownAbortError, status_of
 from server.grpc_access import AccessInterceptor
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
@@ -28,7 +28,7 @@ _OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "pr
 
 
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, engine: AsyncEngine):
+    def __init__(self, engine: EngineClient):
         self.engine = engine
 
     async def Generate(self, request, context):
@@ -55,26 +55,26 @@ class InferenceService(pb_grpc.InferenceServicer):
             ids = await self.engine.tokenize(request.text, add_special_tokens=request.add_special_tokens,
                                              parse_special_tokens=request.parse_special_tokens, param="text")
         except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(status_code(e), str(e))
         return pb.TokenizeResponse(token_ids=ids, max_model_len=self.engine.max_model_len)
 
     async def ListModels(self, request, context):
         base, length = self.engine.model_name, self.engine.max_model_len
         return pb.ListModelsResponse(models=[pb.Model(id=base, max_model_len=length)] + [
-            pb.Model(id=name, max_model_len=length, parent=base) for name in self.engine.adapters])
+            pb.Model(id=a.name, max_model_len=length, parent=base) for a in await self.engine.adapters()])
 
     async def LoadLoRAAdapter(self, request, context):
         try:
             adapter = await self.engine.load_adapter(request.lora_name, request.lora_path)
         except LoRAError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await context.abort(status_code(e), str(e))
         return pb.LoadLoRAAdapterResponse(lora_name=adapter.name, rank=adapter.rank)
 
     async def UnloadLoRAAdapter(self, request, context):
         try:
             await self.engine.unload_adapter(request.lora_name)
         except ModelNotFoundError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await context.abort(status_code(e), str(e))
         return pb.UnloadLoRAAdapterResponse(lora_name=request.lora_name)
 
     # --- translation ----------------------------------------------------------------------------
@@ -90,16 +90,10 @@ class InferenceService(pb_grpc.InferenceServicer):
                                           request.request_id or f"grpc-{uuid.uuid4().hex}", adapter,
                                           request.parse_special_tokens)
             out = await anext(stream)
-        except InvalidRequestError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ModelNotFoundError as e:  # unloaded between the check and the start
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        except ServerBusyError as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except ShuttingDownError as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        except RequestFailedError as e:
-            await context.abort(_failure_code(e), str(e))
+        except Exception as e:   # a refusal (server/errors.py STATUS) gets its code; anything else is a bug
+            if status_of(e) is None:
+                raise
+            await context.abort(status_code(e), str(e))
         try:  # a cancelled call or expired deadline cancels us here; closing the stream aborts the request
             while True:
                 yield out
@@ -111,7 +105,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                                       stop_reason=None)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except RequestFailedError as e:
-            await context.abort(_failure_code(e), str(e))
+            await context.abort(status_code(e), str(e))
         finally:
             await stream.aclose()
 
@@ -122,13 +116,14 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if model and model != self.engine.model_name:
                     raise ModelNotFoundError(f"the model {model!r} is not the base model {self.engine.model_name!r} "
                                              f"that adapter {adapter!r} runs on")
-                if adapter not in self.engine.adapters:
-                    loaded = ", ".join(self.engine.adapters) or "none"
+                loaded = [a.name for a in await self.engine.adapters()]
+                if adapter not in loaded:
+                    loaded = ", ".join(loaded) or "none"
                     raise ModelNotFoundError(f"the adapter {adapter!r} is not loaded (loaded: {loaded})")
                 return adapter
-            return model if self.engine.resolve_adapter(model or None) is not None else None
+            return await self.engine.check_model(model or None)
         except ModelNotFoundError as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await context.abort(status_code(e), str(e))
 
 
 def _sampling_params(s) -> SamplingParams:
@@ -159,7 +154,7 @@ def _final(out: RequestOutput) -> pb.GenerateFinal:
     return final
 
 
-async def start_grpc_server(engine: AsyncEngine, host: str, port: int, access: AccessControl | None = None
+async def start_grpc_server(engine: EngineClient, host: str, port: int, access: AccessControl | None = None
                             ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
     # as over HTTP; bound exclusively (gRPC shares ports by default), so a second server fails instead of splitting calls
@@ -182,7 +177,7 @@ async def start_grpc_server(engine: AsyncEngine, host: str, port: int, access: A
     return server, health_servicer
 
 
-def _failure_code(e: RequestFailedError) -> grpc.StatusCode:
-    if isinstance(e, ShutdownAbortError):   # aborted at shutdown before its first output
-        return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(e, RequestTimeoutError) else grpc.StatusCode.INTERNAL
+def status_code(e: Exception) -> grpc.StatusCode:
+    """The gRPC code for an engine error, from the table both frontends use (server/errors.py STATUS)."""
+    status = status_of(e)
+    return grpc.StatusCode.INTERNAL if status is None else getattr(grpc.StatusCode, status.grpc)

@@ -5,7 +5,8 @@ running / waiting, KV cache usage and prefix-cache hit ratio are gauges read at 
 finished requests are counters. The event loop's task count and the Python thread count are gauges too, so a
 leak (a task or thread left behind by a request) shows as a number that grows at idle. Request metrics carry
 the model name as a label: the adapter's name for a request served with a LoRA adapter, so each adapter's
-traffic and latency can be told apart.
+traffic and latency can be told apart. The engine core renders its registry on request; each API process
+appends its own gauges (render_process_metrics).
 """
 import asyncio
 import threading
@@ -75,9 +76,6 @@ class EngineMetrics:
                                 "Requests refused or ended by a limit: queue_full (--max-queued-requests, never "
                                 "started) or timeout (--request-timeout, ended early; also counted as finished "
                                 "with reason abort).", ["reason"], registry=r)
-        self.loop_tasks = Gauge("lmserve_event_loop_tasks", "Tasks alive on the server's event loop (the scrape's own "
-                                "included).", registry=r)
-        self.threads = Gauge("lmserve_threads", "Python threads alive in the server process.", registry=r)
         self._by_model: dict[str, _ModelSeries] = {}
 
     def set_weight_bytes(self, total: int, linear: int):
@@ -123,9 +121,20 @@ class EngineMetrics:
         self.prefix_hit_ratio.set(hit_ratio)
         self.lora_adapters.labels("loaded").set(adapters_loaded)
         self.lora_adapters.labels("resident").set(adapters_resident)
-        try:
-            self.loop_tasks.set(len(asyncio.all_tasks()))
-        except RuntimeError:  # rendered outside an event loop
-            pass
-        self.threads.set(threading.active_count())
         return generate_latest(self.registry)
+
+
+_process_registry = CollectorRegistry()
+_loop_tasks = Gauge("lmserve_event_loop_tasks", "Tasks alive on this API process's event loop (the scrape's own "
+                    "included).", registry=_process_registry)
+_threads = Gauge("lmserve_threads", "Python threads alive in this API process.", registry=_process_registry)
+
+
+def render_process_metrics() -> bytes:
+    """The scraped API process's own gauges, appended to the engine core's metrics."""
+    try:
+        _loop_tasks.set(len(asyncio.all_tasks()))
+    except RuntimeError:  # rendered outside an event loop
+        pass
+    _threads.set(threading.active_count())
+    return generate_latest(_process_registry)

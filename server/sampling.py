@@ -69,12 +69,16 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_num(value) and -2 <= value <= 2, name, f"{name} must be between -2 and 2; got {value!r}")
-        _check(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer; got {self.seed!r}")
+        _check(self.seed is None or _is_int(self.seed) and -2**63 <= self.seed < 2**63, "seed",
+               f"seed must be an integer in [-2**63, 2**63); got {self.seed!r}")
+        _check(_is_int(self.top_k) and self.top_k < 2**31, "top_k", f"top_k must be below 2**31; got {self.top_k!r}")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            _check(isinstance(getattr(self, name), bool), name, f"{name} must be true or false; got {getattr(self, name)!r}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop must be a list of non-empty strings")
         _check(len(self.stop) <= MAX_STOP_STRINGS and all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop), "stop",
                f"stop takes at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters; got "
                f"{len(self.stop)}, the longest {max(map(len, self.stop), default=0)}")
-        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(all(_is_int(t) and 0 <= t < 2**31 for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be a list of non-negative integers")
         _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
                f"stop_token_ids takes at most {MAX_STOP_TOKEN_IDS} ids; got {len(self.stop_token_ids)}")
@@ -112,7 +116,7 @@ def _token_biases(logit_bias) -> dict[int, float]:
         ids = [int(k) for k in logit_bias]
     except (TypeError, ValueError):
         raise InvalidRequestError("logit_bias keys must be token ids (integers as strings)", "logit_bias") from None
-    _check(all(i >= 0 for i in ids), "logit_bias", "logit_bias keys must be token ids (non-negative integers)")
+    _check(all(0 <= i < 2**31 for i in ids), "logit_bias", "logit_bias keys must be token ids (non-negative integers)")
     _check(all(_is_num(v) for v in logit_bias.values()), "logit_bias",
            "logit_bias values must be numbers between -100 and 100")
     return dict(zip(ids, map(float, logit_bias.values())))

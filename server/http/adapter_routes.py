@@ -6,7 +6,8 @@ when its in-flight requests have finished.
 """
 from starlette.responses import JSONResponse, Response
 
-from server.engine import AsyncEngine, ModelNotFoundError
+from server.engine_client import EngineClient
+from server.errors import ModelNotFoundError
 from server.http.protocol import ApiError, model_not_found
 from server.lora import LoRAError
 
@@ -18,7 +19,7 @@ def _string_field(body: dict, name: str) -> str:
     return value
 
 
-async def load_lora_adapter(engine: AsyncEngine, body: dict) -> Response:
+async def load_lora_adapter(engine: EngineClient, body: dict) -> Response:
     name, path = _string_field(body, "lora_name"), _string_field(body, "lora_path")
     try:
         adapter = await engine.load_adapter(name, path)
@@ -27,7 +28,7 @@ async def load_lora_adapter(engine: AsyncEngine, body: dict) -> Response:
     return JSONResponse({"lora_name": adapter.name, "rank": adapter.rank, "status": "loaded"})
 
 
-async def unload_lora_adapter(engine: AsyncEngine, body: dict) -> Response:
+async def unload_lora_adapter(engine: EngineClient, body: dict) -> Response:
     name = _string_field(body, "lora_name")
     try:
         await engine.unload_adapter(name)

@@ -19,7 +19,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, ServerBusyError, ShuttingDownError
+from server.engine_client import EngineClient
+from server.errors import ModelNotFoundError, RequestFailedError, ServerBusyError, ShuttingDownError
 from server.auth import AccessControl
 from server.http.access import AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
@@ -64,7 +65,7 @@ async def json_body(request: Request) -> dict:
     return body
 
 
-def build_app(engine: AsyncEngine, access: AccessControl | None = None,
+def build_app(engine: EngineClient, access: AccessControl | None = None,
               max_choices_per_request: int = DEFAULT_MAX_CHOICES) -> Starlette:
     """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
     model_name = engine.model_name
@@ -75,12 +76,12 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None,
         return Response(status_code=200 if engine.health() else 503)
 
     async def metrics(_: Request) -> Response:
-        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await engine.metrics(), media_type=CONTENT_TYPE)
 
     async def models(_: Request) -> Response:
         base = {"id": model_name, "object": "model", "created": created, "owned_by": "lmserve",
                 "root": engine.model_path, "parent": None, "max_model_len": engine.max_model_len}
-        adapters = [base | {"id": a.name, "root": str(a.path), "parent": model_name} for a in engine.adapters.values()]
+        adapters = [base | {"id": a.name, "root": a.path, "parent": model_name} for a in await engine.adapters()]
         return JSONResponse({"object": "list", "data": [base, *adapters]})
 
     async def completions(request: Request) -> Response:
@@ -115,7 +116,7 @@ def build_app(engine: AsyncEngine, access: AccessControl | None = None,
         if not isinstance(tokens, list) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and 0 <= t < engine.vocab_size for t in tokens):
             raise ApiError(400, f"tokens must be a list of token ids in [0, {engine.vocab_size})", "tokens")
-        return JSONResponse({"prompt": engine.tokenizer.decode(tokens)})
+        return JSONResponse({"prompt": engine.detokenize(tokens)})
 
     async def generate(request: Request) -> Response:
         body = await json_body(request)

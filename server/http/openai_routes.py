@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from server.engine import AsyncEngine, ModelNotFoundError, RequestFailedError, ServerBusyError
+from server.engine_client import EngineClient
+from server.errors import ModelNotFoundError, RequestFailedError, ServerBusyError
 from server.http.protocol import (DEFAULT_MAX_CHOICES, RATE_CHARGE, ApiError, engine_refusal, model_not_found,
                                   parse_chat, parse_completion)
 from server.outputs import RequestOutput
@@ -47,7 +48,7 @@ class Choice:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: AsyncEngine, model_name: str, max_choices: int = DEFAULT_MAX_CHOICES):
+    def __init__(self, engine: EngineClient, model_name: str, max_choices: int = DEFAULT_MAX_CHOICES):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
@@ -56,7 +57,7 @@ class OpenAIRoutes:
     # --- /v1/completions ------------------------------------------------------------------------
     async def completions(self, request: Request, body: dict):
         req = parse_completion(body)
-        adapter = self._adapter_for(req.model)
+        adapter = await self._adapter_for(req.model)
         self._admit(request, len(req.prompts), req.n)
         choices = [Choice(i * req.n + j, p, _copy_params(req.params, i * req.n + j))
                    for i, p in enumerate(req.prompts) for j in range(req.n)]
@@ -99,7 +100,7 @@ class OpenAIRoutes:
     # --- /v1/chat/completions -------------------------------------------------------------------
     async def chat(self, request: Request, body: dict):
         req = parse_chat(body)
-        adapter = self._adapter_for(req.model)
+        adapter = await self._adapter_for(req.model)
         self._admit(request, 1, req.n)
         try:
             prompt_ids = await self.engine.tokenize_chat(req.messages)
@@ -142,7 +143,7 @@ class OpenAIRoutes:
         """Start every engine request and take its first delta; on any refusal close them all and raise."""
         if len(choices) > 1:
             try:
-                self.engine.check_capacity(len(choices))   # a full queue refuses the request once, not per choice
+                await self.engine.check_capacity(len(choices))   # a full queue refuses the request once, not per choice
             except ServerBusyError as e:
                 raise engine_refusal(e) from None
         token_ids: dict[str, list[int]] = {}   # each distinct text prompt tokenized once, however many copies
@@ -225,10 +226,10 @@ class OpenAIRoutes:
             charge(prompts * n - 1)   # raises the 429 when the key's limit cannot cover them
 
     # --- shaping --------------------------------------------------------------------------------
-    def _adapter_for(self, model: str) -> str | None:
+    async def _adapter_for(self, model: str) -> str | None:
         """The LoRA adapter a request's model names (None: the base model); 404 for anything not served."""
         try:
-            return None if self.engine.resolve_adapter(model) is None else model
+            return await self.engine.check_model(model)
         except ModelNotFoundError as e:
             raise model_not_found(str(e)) from None
 

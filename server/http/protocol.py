@@ -4,8 +4,7 @@ Every mistake raises ApiError naming the field and what is allowed; nothing here
 """
 from dataclasses import dataclass
 
-from server.engine import (ModelNotFoundError, RequestFailedError, RequestTimeoutError, ServerBusyError,
-                           ShutdownAbortError, ShuttingDownError)
+from server.errors import ModelNotFoundError, status_of
 from server.sampling import InvalidRequestError, SamplingParams
 
 MAX_N = 16
@@ -34,20 +33,14 @@ def model_not_found(message: str, param: str = "model") -> ApiError:
 
 
 def engine_refusal(e: Exception) -> ApiError | None:
-    """The HTTP error for an exception the engine raises about one request; None for anything else."""
-    if isinstance(e, InvalidRequestError):
-        return ApiError(400, str(e), e.param)
-    if isinstance(e, ModelNotFoundError):
-        return model_not_found(str(e))
-    if isinstance(e, ServerBusyError):
-        return ApiError(429, str(e), type_="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-    if isinstance(e, (ShuttingDownError, ShutdownAbortError)):
-        return ApiError(503, str(e), type_="service_unavailable", code="shutting_down")
-    if isinstance(e, RequestTimeoutError):
-        return ApiError(408, str(e), type_="timeout_error", code="request_timeout")
-    if isinstance(e, RequestFailedError):
-        return ApiError(500, str(e), type_="internal_error", code="request_failed")
-    return None
+    """The HTTP error for an exception the engine raises about one request (server/errors.py STATUS); None for
+    anything else."""
+    status = status_of(e)
+    if status is None:
+        return None
+    param = getattr(e, "param", None) or ("model" if isinstance(e, ModelNotFoundError) else None)
+    headers = {"Retry-After": "1"} if status.http == 429 else None
+    return ApiError(status.http, str(e), param, status.type, status.code, headers)
 
 
 @dataclass

@@ -6,13 +6,13 @@ import pytest
 
 from bench.decode import bytes_per_step, main, measure, parse_args
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_step_reads_every_weight_but_the_untied_embedding_plus_the_kv_cache(checkpoints, arch):
-    engine = AsyncEngine(EngineConfig(model=checkpoints[arch], kv_cache_tokens=1024))
-    model, cfg = engine.model, engine.model.config
+    engine = in_process_engine(EngineConfig(model=checkpoints[arch], kv_cache_tokens=1024))
+    model, cfg = engine.core.model, engine.core.model.config
     embedding = model.model.embed_tokens.weight.numel() * 4
     weights = sum(p.numel() * 4 for p in model.parameters()) - (0 if cfg.tie_word_embeddings else embedding)
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
@@ -21,7 +21,7 @@ def test_a_step_reads_every_weight_but_the_untied_embedding_plus_the_kv_cache(ch
 
 
 def test_the_report_relates_measured_speed_to_the_floor(llama):
-    engine = AsyncEngine(EngineConfig(model=llama, kv_cache_tokens=1024, max_wait_ms=0))
+    engine = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=1024, max_wait_ms=0))
     r = asyncio.run(measure(engine, batch=2, prompt_tokens=8, output_tokens=12, bandwidth=50e9))
     assert r.context_tokens == 20 and r.copy_gb_per_s == 50
     assert r.floor_tokens_per_s == pytest.approx(50e9 / r.bytes_per_step)

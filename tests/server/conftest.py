@@ -9,7 +9,7 @@ import uvicorn
 
 from bench.processes import free_port
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 from server.grpc_service import start_grpc_server
 from server.http.app import build_app
 
@@ -18,7 +18,7 @@ MODEL_NAME = "tiny-llama"
 
 class LiveServer:
     def __init__(self, model_path: str, access=None, **engine_kwargs):
-        self.engine = AsyncEngine(EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1,
+        self.engine = in_process_engine(EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1,
                                                **engine_kwargs))
         self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,7 +50,7 @@ class LiveServer:
         self.thread.join(timeout=30)
 
     def wait_until_all_blocks_free(self, timeout: float = 5.0) -> bool:
-        bm = self.engine.block_manager
+        bm = self.engine.core.block_manager
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if bm.num_free_blocks == bm.num_blocks and not self.engine._requests:

@@ -44,8 +44,8 @@ def test_batch_sizes_cover_the_largest_batch():
 
 
 def capture(engine, max_batch_size: int) -> DecodeGraphs:
-    runner = engine.runner
-    graphs = DecodeGraphs(engine.model, runner.kv_caches, max_batch_size, engine.max_model_len, runner.block_size,
+    runner = engine.core.runner
+    graphs = DecodeGraphs(engine.core.model, runner.kv_caches, max_batch_size, engine.max_model_len, runner.block_size,
                           runner.pad_block)
     graphs.capture()
     runner.decode_graphs = graphs
@@ -70,8 +70,8 @@ def test_decodes_through_graphs_match_hf_and_write_no_padding(llama, hf_referenc
     for prompt, n, (tokens, _, _) in zip(prompts, lengths, results):
         assert tokens == ref.greedy(prompt, n, eos=False)
     assert all(graphs.graphs[bs].replays > 0 for bs in graphs.sizes)
-    pad = engine.runner.pad_block
-    assert all(cache[:, pad].eq(0).all() for cache in engine.runner.kv_caches), "padding rows wrote the cache"
+    pad = engine.core.runner.pad_block
+    assert all(cache[:, pad].eq(0).all() for cache in engine.core.runner.kv_caches), "padding rows wrote the cache"
     assert_all_blocks_free(engine)
 
 
@@ -104,8 +104,8 @@ def test_a_padded_replay_equals_the_eager_forward_and_writes_only_its_rows(llama
     # Three decodes replay the 4-row graph over a cache of random keys and values.
     engine = make_engine(llama, kv_cache_tokens=2048, enforce_eager=True)
     graphs = capture(engine, 4)
-    caches = engine.runner.kv_caches
-    pad = engine.runner.pad_block
+    caches = engine.core.runner.kv_caches
+    pad = engine.core.runner.pad_block
     for cache in caches:
         cache[:, :pad].normal_()
     before = [cache.clone() for cache in caches]
@@ -120,7 +120,7 @@ def test_a_padded_replay_equals_the_eager_forward_and_writes_only_its_rows(llama
         hidden = graphs.run(batch).clone()
         written = [cache.clone() for cache in caches]
         eager_caches = [cache.clone() for cache in before]
-        eager = engine.model(ids, positions.view(-1), eager_caches, batch.meta)
+        eager = engine.core.model(ids, positions.view(-1), eager_caches, batch.meta)
     torch.testing.assert_close(hidden, eager)
     for old, new, eager_cache in zip(before, written, eager_caches):
         changed = (old != new).flatten(start_dim=3).any(-1).flatten(1, 2).any(0).nonzero().view(-1)
@@ -137,8 +137,8 @@ class ReplayNothing(ReplayByRerun):
 
 def test_a_graph_that_differs_from_eager_is_dropped_at_start(llama, rerun_graphs, monkeypatch, caplog):
     engine = make_engine(llama, kv_cache_tokens=2048, enforce_eager=True)
-    runner = engine.runner
-    args = (engine.model, runner.kv_caches, 4, engine.max_model_len, runner.block_size, runner.pad_block)
+    runner = engine.core.runner
+    args = (engine.core.model, runner.kv_caches, 4, engine.max_model_len, runner.block_size, runner.pad_block)
     assert cuda_graphs.build_decode_graphs(*args).sizes == [1, 2, 4]
     monkeypatch.setattr(cuda_graphs, "capture_graph", lambda forward, pool: ReplayNothing(forward))
     with caplog.at_level("ERROR", logger="lmserve.engine"):

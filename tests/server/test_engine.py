@@ -1,26 +1,26 @@
-"""AsyncEngine end to end on CPU: greedy output equals Hugging Face transformers token for token."""
+"""InProcessEngineClient end to end on CPU: greedy output equals Hugging Face transformers token for token."""
 import asyncio
 import os
 
 import pytest
 
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import InProcessEngineClient, in_process_engine
 from server.sampling import InvalidRequestError, SamplingParams
 from tests.conftest import collect, random_prompts, run
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 
-def make_engine(path, **kw) -> AsyncEngine:
-    return AsyncEngine(EngineConfig(model=path, max_wait_ms=1, **kw))
+def make_engine(path, **kw) -> InProcessEngineClient:
+    return in_process_engine(EngineConfig(model=path, max_wait_ms=1, **kw))
 
 
-def assert_all_blocks_free(engine: AsyncEngine):
-    bm = engine.block_manager
+def assert_all_blocks_free(engine: InProcessEngineClient):
+    bm = engine.core.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     assert all(b.ref_count == 0 for b in bm.blocks)
-    assert not engine.scheduler.running and not engine.scheduler.waiting and not len(engine.batcher)
+    assert not engine.core.scheduler.running and not engine.core.scheduler.waiting and not len(engine.core.batcher)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -78,7 +78,7 @@ def test_preemption_under_a_tiny_kv_cache_keeps_output_identical(llama, hf_refer
     async def main():
         return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
     results = run(main())
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.core.scheduler.num_preemptions > 0
     ref = hf_reference("llama")
     for prompt, (tokens, _, _) in zip(prompts, results):
         assert tokens == ref.greedy(prompt, params.max_tokens, eos=False)
@@ -99,7 +99,7 @@ def test_prompt_longer_than_the_chunk_budget_is_prefilled_in_chunks(llama, hf_re
             tokens = []
             async for out in engine.generate(prompt, params):
                 tokens += out.token_ids
-                steps.append(engine.num_steps)
+                steps.append(engine.core.num_steps)
                 if len(tokens) == 2:
                     long_may_start.set()
             return tokens
@@ -165,7 +165,7 @@ def test_abort_frees_blocks_and_ends_the_stream(llama):
             async for _ in engine.generate([5, 6, 7], SamplingParams(max_tokens=400, ignore_eos=True)):
                 pass
         task = asyncio.create_task(client_that_goes_away())
-        while engine.block_manager.num_free_blocks == engine.block_manager.num_blocks:
+        while engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks:
             await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -259,14 +259,14 @@ def test_text_prompt_and_incremental_text_match_full_decode(llama):
 
 def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(llama):
     engine = make_engine(llama, kv_cache_tokens=2048)
-    real_run, calls = engine.runner.run, []
+    real_run, calls = engine.core.runner.run, []
 
     def flaky_run(batch):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("boom")
         return real_run(batch)
-    engine.runner.run = flaky_run
+    engine.core.runner.run = flaky_run
 
     async def main():
         with pytest.raises(RuntimeError, match="failed in the engine: boom"):
@@ -283,7 +283,7 @@ def test_a_dead_step_loop_fails_waiting_requests_and_health(llama):
 
     def broken_prepare(out):
         raise MemoryError("simulated")
-    engine.runner.prepare = broken_prepare
+    engine.core.runner.prepare = broken_prepare
 
     async def main():
         with pytest.raises(RuntimeError, match="the engine stopped"):
@@ -301,7 +301,7 @@ def test_max_model_len_beyond_the_model_is_refused(llama):
 def test_auto_dtype_follows_the_device_and_checkpoint():
     import torch
     from types import SimpleNamespace
-    from server.engine import _resolve_dtype
+    from batching.core import _resolve_dtype
     assert _resolve_dtype("auto", torch.device("cpu"), SimpleNamespace(dtype="bfloat16")) is torch.float32
     assert _resolve_dtype("auto", torch.device("cuda"), SimpleNamespace(dtype="bfloat16")) is torch.bfloat16
     assert _resolve_dtype("auto", torch.device("cuda"), SimpleNamespace(dtype="float32")) is torch.float16
@@ -335,7 +335,7 @@ def test_random_mixed_traffic_with_cancellations_and_preemption(llama, hf_refere
                 return None
         return await asyncio.gather(*(one(*s) for s in specs))
     results = run(main())
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.core.scheduler.num_preemptions > 0
     ref = hf_reference("llama")
     checked = 0
     for (prompt, params, _), result in zip(specs, results):
@@ -358,7 +358,7 @@ def test_half_precision_dtypes_run_and_agree_with_float32_on_the_first_tokens(ll
     full = run(collect(make_engine(llama, kv_cache_tokens=256), prompt, params))[0]
     half_engine = make_engine(llama, kv_cache_tokens=256, dtype=dtype)
     half = run(collect(half_engine, prompt, params))[0]
-    assert half_engine.runner.kv_caches[0].dtype == getattr(__import__("torch"), dtype)
+    assert half_engine.core.runner.kv_caches[0].dtype == getattr(__import__("torch"), dtype)
     assert half[:2] == full[:2]
 
 
@@ -390,12 +390,12 @@ def test_prompt_logprobs_match_hf_across_chunks_and_bypass_the_prefix_cache(llam
 def test_the_event_loop_stays_responsive_during_a_long_step(llama):
     import time
     engine = make_engine(llama, kv_cache_tokens=256)
-    real_run = engine.runner.run
+    real_run = engine.core.runner.run
 
     def slow_run(batch):
         time.sleep(0.3)                       # a long forward pass, in the worker thread
         return real_run(batch)
-    engine.runner.run = slow_run
+    engine.core.runner.run = slow_run
 
     async def main():
         gaps, done = [], asyncio.Event()
@@ -418,7 +418,7 @@ def test_the_event_loop_stays_responsive_during_a_long_step(llama):
 
 def test_a_request_id_in_use_while_its_prompt_is_tokenized_is_refused():
     # A prompt this long is tokenized on a worker thread: the id must be taken before that await.
-    engine = AsyncEngine(EngineConfig(model="tiny", kv_cache_tokens=8192, max_wait_ms=1))
+    engine = in_process_engine(EngineConfig(model="tiny", kv_cache_tokens=8192, max_wait_ms=1))
     prompt = " token" * 701   # 4,206 characters, 702 tokens
     params = SamplingParams(max_tokens=2, temperature=0)
 

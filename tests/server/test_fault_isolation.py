@@ -6,7 +6,8 @@ import pytest
 
 import server.model_runner as model_runner
 from server.config import EngineConfig
-from server.engine import AsyncEngine, RequestFailedError, ShuttingDownError
+from server.engine_client import InProcessEngineClient, in_process_engine
+from server.errors import EngineDeadError, RequestFailedError
 from server.sampling import SamplingParams
 from tests.server.conftest import MODEL_NAME, LiveServer
 
@@ -18,10 +19,10 @@ async def _tokens(stream) -> list[int]:
     return [t async for out in stream for t in out.token_ids]
 
 
-def run_batch(llama, fault) -> tuple[list, AsyncEngine]:
+def run_batch(llama, fault) -> tuple[list, InProcessEngineClient]:
     """The three prompts at once; fault(engine, request_ids) breaks the first one after its first token."""
     async def main():
-        engine = AsyncEngine(EngineConfig(model=llama, kv_cache_tokens=4096, enable_prefix_caching=False))
+        engine = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=4096, enable_prefix_caching=False))
         streams = [engine.generate(p, PARAMS, f"r{i}") for i, p in enumerate(PROMPTS)]
         firsts = [await anext(s) for s in streams]
         if fault is not None:
@@ -42,13 +43,13 @@ def clean(llama):
 
 def corrupt_kv_cache(engine, request_id):
     """NaN in every cache block of one sequence, as a corrupted cache would hold."""
-    blocks = engine._requests[request_id].seq.block_table
-    for cache in engine.runner.kv_caches:
+    blocks = engine.core._seqs[request_id].block_table
+    for cache in engine.core.runner.kv_caches:
         cache[:, blocks] = float("nan")
 
 
 def break_sampling(engine, request_id):
-    seq = engine._requests[request_id].seq
+    seq = engine.core._seqs[request_id]
     real = model_runner.sample
 
     def sample(logits, rows):
@@ -73,19 +74,21 @@ def test_one_broken_request_fails_alone(llama, clean, fault, message, monkeypatc
     assert isinstance(results[0], RequestFailedError) and "request r0 failed" in str(results[0])
     assert message in str(results[0])
     assert results[1:] == clean[1:]                       # the others, token for token as without the fault
-    bm = engine.block_manager
+    bm = engine.core.block_manager
     assert bm.num_free_blocks == bm.num_blocks and not engine._requests
 
 
 def test_over_http_the_broken_request_is_a_500_naming_it(llama):
     with LiveServer(llama, kv_cache_tokens=4096) as server:
-        real = server.engine._emit
+        real = server.engine._process
 
-        def emit(seq, token):
-            if seq.request_id.startswith("cmpl-") and seq.params.seed == 13:
-                server.engine._requests[seq.request_id].detokenizer.step = lambda *_, **__: 1 / 0
-            real(seq, token)
-        server.engine._emit = emit
+        def process(outputs):
+            for out in outputs:
+                state = server.engine._requests.get(out.request_id)
+                if state is not None and out.request_id.startswith("cmpl-") and state.params.seed == 13:
+                    state.detokenizer.step = lambda *_, **__: 1 / 0
+            real(outputs)
+        server.engine.core.sink = process
         body = {"model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": True}
         bad = httpx.post(server.url + "/v1/completions", json=body | {"seed": 13}, timeout=60)
         good = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
@@ -95,15 +98,15 @@ def test_over_http_the_broken_request_is_a_500_naming_it(llama):
 
 def test_a_dead_step_loop_fails_everyone_waiting_and_refuses_new_requests(llama):
     async def main():
-        engine = AsyncEngine(EngineConfig(model=llama, kv_cache_tokens=4096))
+        engine = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=4096))
         deaths = []
         engine.on_loop_death = deaths.append
 
         def broken():
             raise RuntimeError("a scheduler bug")
-        engine.scheduler.schedule = broken
+        engine.core.scheduler.schedule = broken
         results = await asyncio.gather(*(_tokens(engine.generate(p, PARAMS)) for p in PROMPTS), return_exceptions=True)
-        with pytest.raises(ShuttingDownError, match="a scheduler bug"):
+        with pytest.raises(EngineDeadError, match="a scheduler bug"):
             await anext(engine.generate([5, 6], PARAMS))
         return results, deaths, engine.health()
     results, deaths, healthy = asyncio.run(main())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 from server.gguf_checkpoint import GGUFError, convert, find_gguf
 from server.model_source import resolve_model
 from server.sampling import SamplingParams
@@ -119,7 +119,7 @@ def test_greedy_tokens_equal_transformers_gguf_loading(tiny_checkpoints, tmp_pat
     monkeypatch.setenv("LMSERVE_CACHE_DIR", str(tmp_path / "cache"))
     file = write_gguf(tiny_checkpoints[arch], tmp_path / f"tiny-{qtype}.gguf", getattr(Q, qtype))
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=file.name, dtype=torch.float32).eval()
-    engine = AsyncEngine(EngineConfig(model=str(file), kv_cache_tokens=4096, max_wait_ms=1))
+    engine = in_process_engine(EngineConfig(model=str(file), kv_cache_tokens=4096, max_wait_ms=1))
     assert engine.model_name == f"tiny-{qtype}"
     prompts = random_prompts(4, [3, 17, 40], seed=11)
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

@@ -8,7 +8,8 @@ import httpx
 import pytest
 
 from server.config import EngineConfig
-from server.engine import AsyncEngine, RequestTimeoutError, ServerBusyError
+from server.engine_client import in_process_engine
+from server.errors import RequestTimeoutError, ServerBusyError
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
 from server.sampling import SamplingParams
@@ -19,13 +20,13 @@ LONG = SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)
 
 def test_engine_refuses_past_the_queue_bound_and_serves_the_admitted(llama):
     async def main():
-        engine = AsyncEngine(EngineConfig(model=llama, max_batch_size=1, max_queued_requests=2, kv_cache_tokens=4096,
+        engine = in_process_engine(EngineConfig(model=llama, max_batch_size=1, max_queued_requests=2, kv_cache_tokens=4096,
                                           max_wait_ms=0))
         running = engine.generate([5, 6, 7], LONG)
         await anext(running)                                   # the one sequence that fits is running
         queued = [engine.generate([5, 6, 7 + i], SamplingParams(max_tokens=3, ignore_eos=True)) for i in range(2)]
         waiting = [asyncio.ensure_future(anext(q)) for q in queued]
-        while engine.num_queued < 2:
+        while engine.core.num_queued < 2:
             await asyncio.sleep(0.001)
         start = time.monotonic()
         with pytest.raises(ServerBusyError, match="max-queued-requests 2"):
@@ -35,7 +36,7 @@ def test_engine_refuses_past_the_queue_bound_and_serves_the_admitted(llama):
         for w, q in zip(waiting, queued):
             await w
             assert len([t async for out in q for t in out.token_ids]) == 2   # 1 in the first delta + 2 more = 3
-        assert engine.metrics.rejected.labels("queue_full")._value.get() == 1
+        assert engine.core.metrics.rejected.labels("queue_full")._value.get() == 1
         await engine.shutdown()
         return refused_in
     assert asyncio.run(main()) < 0.05
@@ -43,13 +44,13 @@ def test_engine_refuses_past_the_queue_bound_and_serves_the_admitted(llama):
 
 def test_engine_ends_a_request_past_its_timeout_and_frees_its_blocks(llama):
     async def main():
-        engine = AsyncEngine(EngineConfig(model=llama, request_timeout=0.1, kv_cache_tokens=8192))
+        engine = in_process_engine(EngineConfig(model=llama, request_timeout=0.1, kv_cache_tokens=8192))
         tokens = 0
         with pytest.raises(RequestTimeoutError, match=r"timed out after 0.1 s .* tokens generated"):
             async for out in engine.generate([5, 6, 7], SamplingParams(max_tokens=500, ignore_eos=True)):
                 tokens += len(out.token_ids)
         quick = [t async for out in engine.generate([5, 6], SamplingParams(max_tokens=4)) for t in out.token_ids]
-        bm = engine.block_manager
+        bm = engine.core.block_manager
         assert 0 < tokens < 500 and len(quick) == 4 and bm.num_free_blocks == bm.num_blocks
         await engine.shutdown()
     asyncio.run(main())
@@ -66,10 +67,10 @@ def test_http_and_grpc_answer_429_and_resource_exhausted_while_admitted_requests
         async with httpx.AsyncClient(base_url=busy.url, timeout=60) as client:
             body = {"model": MODEL_NAME, "prompt": [5, 6, 7], "max_tokens": 300, "ignore_eos": True}
             running = asyncio.ensure_future(client.post("/v1/completions", json=body))
-            while not busy.engine.scheduler.running:
+            while not busy.engine.core.scheduler.running:
                 await asyncio.sleep(0.002)
             queued = asyncio.ensure_future(client.post("/v1/completions", json=body | {"max_tokens": 4}))
-            while busy.engine.num_queued < 1:
+            while busy.engine.core.num_queued < 1:
                 await asyncio.sleep(0.002)
             start = time.monotonic()
             refused = await client.post("/v1/completions", json=body)
@@ -143,7 +144,7 @@ def test_a_body_past_the_size_limit_is_refused_unread(live):
 
 def test_log_requests_logs_prompt_and_output_with_personal_data_masked(llama, caplog):
     async def main():
-        engine = AsyncEngine(EngineConfig(model=llama, kv_cache_tokens=1024, log_requests=True))
+        engine = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=1024, log_requests=True))
         async for _ in engine.generate("mail bob@example.com or call +44 20 7946 0958", SamplingParams(max_tokens=3)):
             pass
         await engine.shutdown()

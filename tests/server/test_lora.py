@@ -7,7 +7,8 @@ import torch
 
 from server.config import EngineConfig
 from server.tiny_model import ensure_tiny_model
-from server.engine import AsyncEngine, ModelNotFoundError
+from server.engine_client import InProcessEngineClient, in_process_engine
+from server.errors import ModelNotFoundError
 from server.layers.linear import GPTQLinear, Int8Linear
 from server.lora import LoRAError
 from server.sampling import SamplingParams
@@ -15,8 +16,8 @@ from tests.conftest import QA, TINY, qa_prompt, random_prompts, run
 from tests.server.conftest import MergedReference, make_peft_adapter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12)
-def engine_with(path: str, **kw) -> AsyncEngine:
-    return AsyncEngine(EngineConfig(model=path, max_wait_ms=1, kv_cache_tokens=2048, **kw))
+def engine_with(path: str, **kw) -> InProcessEngineClient:
+    return in_process_engine(EngineConfig(model=path, max_wait_ms=1, kv_cache_tokens=2048, **kw))
 
 
 def test_adapter_output_equals_peft_merged_model_and_base_is_untouched(llama, peft_adapters, hf_reference):
@@ -49,16 +50,16 @@ def test_a_batch_mixing_base_and_two_adapters_gives_each_request_what_it_gets_al
 
     async def main():   # one event loop per engine: its step loop lives on the loop that started it
         solo = [await collect_with(engine, p, n) for p, n in zip(prompts, names)]
-        steps_before = engine.num_steps
+        steps_before = engine.core.num_steps
         mixed = await asyncio.gather(*(collect_with(engine, p, n) for p, n in zip(prompts, names)))
-        return solo, mixed, engine.num_steps - steps_before
+        return solo, mixed, engine.core.num_steps - steps_before
     solo, mixed, mixed_steps = run(main())
     assert mixed == solo
     assert mixed_steps < sum(len(t) for t in solo) / 3   # they really shared steps
 
 
 def test_the_finetuned_adapter_answers_its_questions_when_served_and_the_base_does_not(finetuned_adapter):
-    engine = AsyncEngine(EngineConfig(model="tiny", loras=[("qa", finetuned_adapter)], max_wait_ms=1))
+    engine = in_process_engine(EngineConfig(model="tiny", loras=[("qa", finetuned_adapter)], max_wait_ms=1))
     params = SamplingParams(temperature=0, max_tokens=12)
 
     async def answer(question: str, adapter):
@@ -102,7 +103,7 @@ def test_fewer_slots_than_adapters_evicts_idle_ones_and_queues_the_rest(llama, p
         return solo, await asyncio.gather(*(collect_with(engine, p, n) for p, n in zip(prompts, names)))
     solo, together = run(main())
     assert together == solo
-    assert len(engine.lora_pool.resident) == 1 and not engine.lora_pool.in_use
+    assert len(engine.core.lora_pool.resident) == 1 and not engine.core.lora_pool.in_use
 
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
@@ -114,7 +115,7 @@ def test_an_adapter_on_a_quantized_base_equals_peft_merged_onto_the_dequantized_
 
     async def main():
         return [await collect_with(engine, p, "alpha") for p in prompts]
-    reference = MergedReference(llama, peft_adapters["alpha"], weights=_dequantized(engine.model))
+    reference = MergedReference(llama, peft_adapters["alpha"], weights=_dequantized(engine.core.model))
     assert run(main()) == [reference.greedy(p, GREEDY.max_tokens) for p in prompts]
 
 
@@ -191,7 +192,7 @@ def test_runtime_load_is_confined_to_the_lora_dir_and_unload_waits_for_requests(
     import shutil
     shutil.copytree(peft_adapters["beta"], tmp_path / "dir" / "beta")
     engine = engine_with(llama, lora_dir=str(tmp_path / "dir"))
-    assert list(engine.adapters) == ["beta"]     # --lora-dir serves what it holds
+    assert list(engine.core.adapters) == ["beta"]     # --lora-dir serves what it holds
     prompt = random_prompts(1, [10], seed=8)[0]
 
     async def main():
@@ -213,7 +214,7 @@ def test_runtime_load_is_confined_to_the_lora_dir_and_unload_waits_for_requests(
         await unload
         return tokens
     tokens = run(main())
-    assert len(tokens) == 40 and "alpha2" not in engine.adapters
+    assert len(tokens) == 40 and "alpha2" not in engine.core.adapters
     assert tokens[:12] == MergedReference(llama, peft_adapters["alpha"]).greedy(prompt, 12)
 
 

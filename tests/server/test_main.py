@@ -172,12 +172,15 @@ main(sys.argv[1:])
 
 
 def test_a_dead_step_loop_fails_waiting_requests_and_exits_non_zero(llama):
+    """The scheduler is patched in this process, so the engine core runs in it too (--engine-in-process)."""
     port = free_port()
     process = launch([sys.executable, "-c", BROKEN_SCHEDULER, "--port", str(port), "--grpc-port", str(free_port()),
-                      "--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "4096"], port, 120)
+                      "--model", llama, "--served-model-name", "tiny", "--kv-cache-tokens", "4096",
+                      "--engine-in-process"], port, 120)
     r = httpx.post(process.url + "/v1/completions", json={"model": "tiny", "prompt": [5, 6], "max_tokens": 20},
                    timeout=30)
-    assert r.status_code == 500 and "a scheduler bug" in r.json()["error"]["message"]
+    assert r.status_code == 503 and "a scheduler bug" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "engine_dead"
     try:
         after = httpx.get(process.url + "/health", timeout=5).status_code
     except httpx.TransportError:

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 from server.tiny_model import build_checkpoint
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.layers.linear import GPTQLinear
@@ -126,7 +126,7 @@ def test_gptq_checkpoint_serves_the_same_tokens_on_triton_kernels_and_torch(gptq
     prompts = random_prompts(2, [7, 20], seed=2, high=250)
     outputs = {}
     for kernels in ("torch", "triton"):
-        engine = AsyncEngine(EngineConfig(model=gptq_checkpoint, kernels=kernels, max_wait_ms=1, kv_cache_tokens=256))
+        engine = in_process_engine(EngineConfig(model=gptq_checkpoint, kernels=kernels, max_wait_ms=1, kv_cache_tokens=256))
 
         async def main_():
             return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
@@ -137,11 +137,11 @@ def test_gptq_checkpoint_serves_the_same_tokens_on_triton_kernels_and_torch(gptq
 @pytest.mark.parametrize("quant,share", [("int8", 0.55), ("int4", 0.32)])
 def test_weight_bytes_are_logged_and_exported(float_model, quant, share):
     fp16_linear = load_model(float_model, torch.float16, CPU, 512).linear_weight_bytes
-    engine = AsyncEngine(EngineConfig(model=float_model, quant=quant, kv_cache_tokens=256))
-    text = engine.metrics.render().decode()
+    engine = in_process_engine(EngineConfig(model=float_model, quant=quant, kv_cache_tokens=256))
+    text = engine.core.metrics.render().decode()
     linear = next(float(line.split()[-1]) for line in text.splitlines()
                   if line.startswith("lmserve_model_weight_bytes") and 'part="linear"' in line)
-    assert linear == engine.model.linear_weight_bytes and 0 < linear <= share * fp16_linear
+    assert linear == engine.core.model.linear_weight_bytes and 0 < linear <= share * fp16_linear
 
 
 def test_errors_name_what_is_wrong(float_model, gptq_checkpoint, calibration, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 from server.sampling import InvalidRequestError, SamplerRow, SamplingParams, filter_logits, sample
 from tests.conftest import collect, random_prompts, run
 
@@ -120,7 +120,7 @@ def test_same_seed_same_tokens_whatever_the_batch(llama):
     others = random_prompts(6, [4, 20], seed=10)
 
     def generate(with_others: bool):
-        engine = AsyncEngine(EngineConfig(model=llama, kv_cache_tokens=2048, max_wait_ms=1))
+        engine = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=2048, max_wait_ms=1))
 
         async def main():
             extra = [collect(engine, p, SamplingParams(temperature=1.0, max_tokens=20)) for p in others] if with_others else []
@@ -129,6 +129,6 @@ def test_same_seed_same_tokens_whatever_the_batch(llama):
         return run(main())
     alone, batched = generate(False), generate(True)
     assert alone == batched
-    other_seed = AsyncEngine(EngineConfig(model=llama, kv_cache_tokens=2048))
+    other_seed = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=2048))
     different = run(collect(other_seed, prompt, SamplingParams(**{**params.__dict__, "seed": 99})))[0]
     assert different != alone

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 from server.sampling import SamplingParams
 from server.synthetic_model import SHAPES, hf_model_for, synthetic_dir
 from tests.conftest import collect, run
@@ -11,7 +11,7 @@ from tests.conftest import collect, run
 
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_random_tiny_serves_what_transformers_computes_on_the_same_weights(quant):
-    engine = AsyncEngine(EngineConfig(model="random:tiny", kv_cache_tokens=1024, quant=quant))
+    engine = in_process_engine(EngineConfig(model="random:tiny", kv_cache_tokens=1024, quant=quant))
     assert engine.model_name == "random:tiny" and engine.vocab_size == SHAPES["tiny"]["vocab_size"]
     prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")
     assert len(set(prompt)) == len(prompt)          # the corpus's words are real tokens, not <unk>
@@ -31,7 +31,7 @@ def test_the_directory_holds_a_full_vocabulary_and_no_weights():
 
 def test_unknown_name_says_what_exists():
     with pytest.raises(ValueError, match="llama-2-7b"):
-        AsyncEngine(EngineConfig(model="random:gpt-9"))
+        in_process_engine(EngineConfig(model="random:gpt-9"))
 
 
 def test_tied_lm_head_is_the_embedding_transformers_has():

@@ -62,7 +62,7 @@ def test_a_bad_load_is_a_400_and_changes_nothing(lora_live, body, status, fragme
     r = httpx.post(lora_live.url + "/v1/load_lora_adapter", json=body)
     assert r.status_code == status and fragment in r.json()["error"]["message"]
     assert r.json()["error"]["type"] == "invalid_request_error"
-    assert set(lora_live.engine.adapters) == {"alpha"}
+    assert set(lora_live.engine.core.adapters) == {"alpha"}
 
 
 def test_unloading_an_unknown_adapter_is_a_404(lora_live):
@@ -121,7 +121,7 @@ def test_load_and_unload_under_traffic_never_fail_or_mix_up_requests(lora_live, 
         # Sent before the unload: answered in full with beta's output, or refused at once if the unload won the race.
         assert (status == 200 and body["token_ids"] == want["beta"][i]) or status == 404, body
     assert sum(status == 200 for _, (status, _) in churned) >= len(prompts)
-    assert set(lora_live.engine.adapters) == {"alpha"}
+    assert set(lora_live.engine.core.adapters) == {"alpha"}
     assert lora_live.wait_until_all_blocks_free()
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from server.config import EngineConfig
-from server.engine import AsyncEngine
+from server.engine_client import in_process_engine
 from server.layers.ops import select_ops
 from server.sampling import SamplingParams
 from tests.conftest import collect, random_prompts, run
@@ -28,9 +28,9 @@ def test_triton_on_cpu_outside_the_interpreter_is_refused_at_load(monkeypatch):
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_engine_on_triton_kernels_matches_hf(checkpoints, hf_reference, arch):
     # On CPU the kernels run in Triton's interpreter: a prefill group, a chunk over a cached prefix, decodes.
-    engine = AsyncEngine(EngineConfig(model=checkpoints[arch], kernels="triton", max_wait_ms=1,
+    engine = in_process_engine(EngineConfig(model=checkpoints[arch], kernels="triton", max_wait_ms=1,
                                       kv_cache_tokens=512, max_num_batched_tokens=32))
-    assert engine.model.ops.name == "triton"
+    assert engine.core.model.ops.name == "triton"
     params = SamplingParams(temperature=0, max_tokens=6)
     prompts = random_prompts(3, [5, 40, 11], seed=7)
 

@@ -1,0 +1,436 @@
+"""EngineCore: the model, its KV cache, the batcher, the scheduler and the step loop; token ids in, token ids out.
+
+It knows nothing of text: an API process (server/engine_client.py) tokenizes, detokenizes and checks stop
+strings. Requests come in through add_request / abort; each step's news goes out through sink(outputs) as one
+list of CoreOutput, delivered while the next step runs. The core runs on an asyncio loop of its own: in its own
+process behind the engine socket (batching/core_process.py), or on the API's loop for tests and debugging.
+The model runs on a worker thread, so the loop takes requests in while a step computes.
+"""
+import asyncio
+import logging
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from batching.batcher import DynamicBatcher
+from batching.limits import check_prompt
+from batching.messages import AdapterInfo, AddRequest, CoreOutput, EngineInfo, ErrorInfo
+from batching.scheduler import Scheduler, SchedulerOutput
+from server.config import EngineConfig
+from server.cuda_graphs import build_decode_graphs
+from server.errors import (EngineDeadError, ModelNotFoundError, RequestFailedError, RequestTimeoutError,
+                           ServerBusyError, ShutdownAbortError, ShuttingDownError, error_to_wire)
+from server.host_memory import keep_freed_memory
+from server.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
+from server.loader import load_hf_config, load_model
+from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
+from server.metrics import EngineMetrics
+from server.model_runner import ModelRunner
+from server.model_source import resolve_model
+from server.sampling import InvalidRequestError, SampledToken, SamplingParams
+from server.sequence import FinishReason, Sequence, SequenceStatus
+from server.tokenizer import eos_token_ids, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineCore:
+    CALLS = ("info", "load_adapter", "unload_adapter", "adapters", "metrics", "check_capacity", "abort_all", "start_draining")
+
+    def __init__(self, config: EngineConfig, sink: Callable[[list[CoreOutput]], None] | None = None):
+        self.config = config
+        source = resolve_model(config.model)
+        self.model_path = source.path
+        self.model_name = config.served_model_name or source.name
+        hf_config = load_hf_config(self.model_path)
+        self.device = _resolve_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
+        self.dtype = _resolve_dtype(config.dtype, self.device, hf_config)
+        self.eos_token_ids = eos_token_ids(self.model_path, hf_config, load_tokenizer(self.model_path))
+        self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
+        if self.max_model_len > hf_config.max_position_embeddings:
+            raise ValueError(f"max_model_len must be at most the model's max_position_embeddings "
+                             f"({hf_config.max_position_embeddings}); got {self.max_model_len}")
+        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len, config.quant,
+                                config.quant_group_size, config.kernels)
+        if self.model.ops.name == "triton" and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
+            raise ValueError(f"block_size must be a power of two >= 16 with the Triton kernels; got {config.block_size}")
+        mc = self.model.config
+        self.vocab_size = mc.vocab_size
+        per_token = kv_cache_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        num_blocks = size_kv_cache(per_token, config.block_size, self.device, config.kv_cache_tokens,
+                                   config.kv_cache_memory_fraction, config.max_batch_size * self.max_model_len,
+                                   min_tokens=self.max_model_len)
+        self.kv_cache_tokens = num_blocks * config.block_size
+        # One block more than the BlockManager hands out: block tables are padded with it (ModelRunner), so
+        # padding never reads a block another sequence writes (whose NaN would spread through 0 * NaN).
+        kv_caches = [torch.zeros(2, num_blocks + 1, config.block_size, mc.num_kv_heads, mc.head_dim,
+                                 dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
+                 per_token * self.kv_cache_tokens / 2**20)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
+        self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
+        self.lora_pool = LoRAPool(mc, config.max_loras, config.max_lora_rank, self.dtype, self.device,
+                                  self.model.ops.add_lora)
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self._next_adapter_id = 1
+        for name, path in config.loras:
+            self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank))
+        for name, path in _adapters_in(config.lora_dir):
+            if name in self.adapters:
+                continue
+            try:   # one bad adapter in the directory is skipped; the server serves the rest
+                self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank,
+                                            root=Path(config.lora_dir).resolve()))
+            except LoRAError as e:
+                log.error("--lora-dir: skipped adapter %r: %s", name, e)
+        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids,
+                                  self.lora_pool)
+        # bitsandbytes is left out: LLM.int8 picks its outlier columns per call (shapes that depend on the data),
+        # and NF4 has not been tried in a graph.
+        bnb = config.quant in ("bnb-int8", "nf4")
+        if self.device.type == "cuda" and self.model.ops.name == "triton" and not bnb and not config.enforce_eager:
+            self.runner.decode_graphs = build_decode_graphs(self.model, kv_caches, config.max_batch_size,
+                                                            self.max_model_len, config.block_size,
+                                                            self.runner.pad_block)
+        self.metrics = EngineMetrics(self.model_name, self._metrics_state)
+        self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
+        self.sink = sink or (lambda outputs: None)
+        self._rng = random.Random(config.seed)
+        self._seqs: dict[str, Sequence] = {}     # every request from add_request to its end
+        self._pinned: set[str] = set()           # ids of requests holding their adapter's device slot
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.num_steps = 0
+        self.draining = False
+        self.failure: BaseException | None = None    # why the step loop died, once it has
+        self.on_loop_death = None                    # called with that exception (the server exits non-zero)
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(self.model_name, str(self.model_path), self.max_model_len, self.vocab_size,
+                          self.kv_cache_tokens, list(self.eos_token_ids))
+
+    # --- requests in ----------------------------------------------------------------------------
+    def add_request(self, req: AddRequest):
+        """Admits a request, or raises what is wrong with it (InvalidRequestError, ModelNotFoundError,
+        ServerBusyError, ShuttingDownError); a later refusal (its adapter unloaded meanwhile) comes as its output."""
+        self._ensure_started()
+        if req.request_id in self._seqs:
+            raise InvalidRequestError(f"request_id {req.request_id!r} is already in use", "request_id")
+        if self.failure is not None:
+            raise EngineDeadError(f"the engine stopped: {self.failure}")
+        if self.draining:
+            raise ShuttingDownError("the server is shutting down and takes no new requests")
+        lora = self.resolve_adapter(req.adapter)
+        seq = self._make_sequence(req.prompt_token_ids, req.params, req.request_id, req.arrival_time)
+        self.check_capacity()
+        seq.lora = lora
+        self._seqs[seq.request_id] = seq
+        if lora is None:
+            self._admit(seq)
+        else:
+            asyncio.get_running_loop().create_task(self._admit_with_adapter(seq, lora))
+
+    def _admit(self, seq: Sequence):
+        self.batcher.add(seq)
+        self._wake.set()
+
+    async def _admit_with_adapter(self, seq: Sequence, lora: LoRAAdapter):
+        await self.lora_pool.acquire(lora)   # waits while every slot serves other adapters' requests
+        self._pinned.add(seq.request_id)
+        if self._seqs.get(seq.request_id) is not seq:   # aborted while it waited
+            self._pinned.discard(seq.request_id)
+            await self.lora_pool.release(lora)
+        elif self.adapters.get(lora.name) is not lora:   # unloaded while it waited
+            self._end_early(seq.request_id, ModelNotFoundError(f"the adapter {lora.name!r} was unloaded"))
+        else:
+            self._admit(seq)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT):
+        """Ends the request now (an API process's abort, or its stop string: reason STOP) and frees its blocks;
+        nothing more is sent for it."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return
+        if self.batcher.remove(seq):
+            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        else:
+            self.scheduler.finish(seq, reason)
+        self.metrics.on_finished(seq, time.monotonic())
+        self._forget(seq)
+
+    def _end_early(self, request_id: str, error: Exception):
+        """Ends a request as aborted for a reason of the engine's own; its output carries the error."""
+        self.abort(request_id)
+        self.sink([CoreOutput(request_id, [], error=ErrorInfo(*error_to_wire(error)))])
+
+    def _forget(self, seq: Sequence):
+        del self._seqs[seq.request_id]
+        if seq.request_id in self._pinned:
+            self._pinned.discard(seq.request_id)
+            asyncio.get_running_loop().create_task(self.lora_pool.release(seq.lora))
+
+    def check_capacity(self, count: int = 1):
+        """ServerBusyError, counted once, when count more requests would pass --max-queued-requests."""
+        limit = self.config.max_queued_requests
+        if limit is not None and self.num_queued + count > limit and not self.draining:
+            self.metrics.rejected.labels("queue_full").inc()
+            needs = f"; this request needs {count} places" if count > 1 else ""
+            raise ServerBusyError(f"the server is at capacity: {self.num_queued} requests are waiting to start "
+                                  f"(--max-queued-requests {limit}){needs}; retry later")
+
+    @property
+    def num_queued(self) -> int:
+        """Requests accepted but not yet started: in the batcher or waiting in the scheduler."""
+        return len(self.batcher) + len(self.scheduler.waiting)
+
+    def _make_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str,
+                       arrival_time: float) -> Sequence:
+        token_ids = list(token_ids)
+        max_tokens = check_prompt(token_ids, params, self.vocab_size, self.max_model_len, self.kv_cache_tokens)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        now = time.monotonic()
+        arrival = arrival_time if 0 < arrival_time <= now else now
+        return Sequence(request_id, token_ids, params, generator, max_tokens, arrival_time=arrival)
+
+    # --- adapters -------------------------------------------------------------------------------
+    def resolve_adapter(self, name: str | None) -> LoRAAdapter | None:
+        """None or the base model's name: the base model. Anything else must be a loaded adapter."""
+        if name is None or name == "" or name == self.model_name:
+            return None
+        adapter = self.adapters.get(name)
+        if adapter is None:
+            known = ", ".join([self.model_name, *self.adapters])
+            raise ModelNotFoundError(f"the model {name!r} does not exist; this server serves {known}")
+        return adapter
+
+    def adapter_infos(self) -> list[AdapterInfo]:
+        return [AdapterInfo(a.name, str(a.path), a.rank) for a in self.adapters.values()]
+
+    async def load_adapter(self, name: str, path: str) -> AdapterInfo:
+        """Loads a PEFT adapter from inside --lora-dir while serving continues; LoRAError says what is wrong."""
+        if not name or name == self.model_name or name in self.adapters:
+            raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
+        if self.config.lora_dir is None:
+            raise LoRAError("loading adapters at runtime needs --lora-dir (the directory adapters are loaded from)")
+        root = Path(self.config.lora_dir).resolve()
+        try:
+            resolved = (root / path).resolve()
+        except (OSError, ValueError) as e:   # a NUL byte, a path too long for the system
+            raise LoRAError(f"the adapter path {path[:80]!r} cannot be used: {e}") from None
+        if not resolved.is_relative_to(root):
+            raise LoRAError(f"the adapter path {path[:80]!r} is outside --lora-dir")
+        adapter = await asyncio.to_thread(load_adapter, name, resolved, self.model.config, self._take_adapter_id(),
+                                          self.config.max_lora_rank, root)
+        if name in self.adapters:  # loaded twice at once: the first one wins
+            raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
+        self._register(adapter)
+        return AdapterInfo(adapter.name, str(adapter.path), adapter.rank)
+
+    async def unload_adapter(self, name: str):
+        """New requests for it are refused at once; returns when its in-flight requests have finished."""
+        adapter = self.adapters.pop(name, None)
+        if adapter is None:
+            raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
+        await self.lora_pool.wait_idle(adapter)
+        self.lora_pool.evict(adapter)
+        log.info("unloaded LoRA adapter %r", name)
+
+    def _register(self, adapter: LoRAAdapter):
+        self.adapters[adapter.name] = adapter
+        log.info("loaded LoRA adapter %r (rank %d, %d projections) from %s", adapter.name, adapter.rank,
+                 len(adapter.weights), adapter.path)
+
+    def _take_adapter_id(self) -> int:
+        self._next_adapter_id += 1
+        return self._next_adapter_id - 1
+
+    # --- state ----------------------------------------------------------------------------------
+    def _metrics_state(self) -> tuple[int, int, float, float, int, int]:
+        bm = self.block_manager
+        hit_ratio = bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0
+        return (len(self.scheduler.running), len(self.scheduler.waiting) + len(self.batcher), bm.usage, hit_ratio,
+                len(self.adapters), len(self.lora_pool.resident))
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._seqs)
+
+    def health(self) -> bool:
+        return self.failure is None and (self._loop_task is None or not self._loop_task.done())
+
+    def start_draining(self):
+        """Refuse new requests from now on; the ones in flight go on."""
+        self.draining = True
+
+    def abort_all(self, why: str):
+        """Ends every request in flight now with a ShutdownAbortError that says why; their blocks are freed."""
+        for request_id in list(self._seqs):
+            self._end_early(request_id, ShutdownAbortError(f"request {request_id} was aborted: {why}"))
+
+    async def shutdown(self):
+        for request_id in list(self._seqs):
+            self.abort(request_id)
+        if self._loop_task is not None and not self._loop_task.done():
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+
+    # --- the step loop -------------------------------------------------------------------------
+    def _ensure_started(self):
+        if self._loop_task is not None and self._loop_task.get_loop() is not asyncio.get_running_loop():
+            raise RuntimeError("an EngineCore serves the one event loop it started on; this is another")
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._step_loop(), name="lmserve-step-loop")
+
+    async def _step_loop(self):
+        try:
+            await self._run_steps()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the loop itself died: nobody may wait on it forever
+            log.exception("engine step loop died")
+            self.failure = exc
+            error = ErrorInfo(*error_to_wire(EngineDeadError(f"the engine stopped: {exc}")))
+            outputs = [CoreOutput(request_id, [], error=error) for request_id in self._seqs]
+            self._seqs.clear()
+            self.sink(outputs)
+            if self.on_loop_death is not None:
+                self.on_loop_death(exc)
+            raise
+
+    async def _run_steps(self):
+        loop = asyncio.get_running_loop()
+        # One step's outputs are handed to the sink while the next step runs. A stop string the API finds then
+        # ends its sequence one step late: the token computed for it in that step is dropped, as for an abort
+        # that arrives mid-step.
+        undelivered: list[tuple[Sequence, SampledToken]] = []
+        while True:
+            self._wake.clear()
+            if self.config.request_timeout is not None:
+                self._expire(time.monotonic())
+            for seq in self.batcher.release():
+                self.scheduler.add(seq)
+            if not self.scheduler.has_work():
+                self._deliver(undelivered)
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.batcher.seconds_until_ready())
+                except TimeoutError:
+                    pass
+                continue
+            out = self.scheduler.schedule()
+            if not out.scheduled:
+                self._deliver(undelivered)
+                await asyncio.sleep(0.001)
+                continue
+            now = time.monotonic()
+            for item in out.scheduled:
+                if item.seq.first_scheduled_time is None:
+                    item.seq.first_scheduled_time = now
+                    self.metrics.on_scheduled(item.seq, now)
+            self.metrics.on_step(len(out.scheduled), out.num_preempted)
+            batch = self.runner.prepare(out)
+            step = loop.run_in_executor(self._executor, self.runner.run, batch)
+            self._deliver(undelivered)
+            try:
+                result = await step
+            except Exception as exc:  # one bad step fails the requests in it, not the server
+                log.exception("engine step failed")
+                self._fail(out, exc)
+                continue
+            self.num_steps += 1
+            for seq, reason in result.failed.items():
+                self._clear_blocks(seq)   # NaN / inf in its cache blocks would spread to their next owner
+                self._end_early(seq.request_id, RequestFailedError(f"request {seq.request_id} failed: {reason}"))
+            for seq, scored in result.prompt_logprobs.items():
+                seq.prompt_logprobs.extend(scored)
+            undelivered = [(seq, result.sampled[seq])
+                           for seq in self.scheduler.update(out, result.sampled, self.eos_token_ids)]
+
+    def _deliver(self, sampled: list[tuple[Sequence, SampledToken]]):
+        if not sampled:
+            return
+        now = time.monotonic()
+        outputs = []
+        for seq, token in sampled:
+            if self._seqs.get(seq.request_id) is not seq:   # ended meanwhile (aborted, stop string, failed)
+                continue
+            self.metrics.on_token(seq, now, seq.last_token_time)
+            seq.last_token_time = now
+            out = CoreOutput(seq.request_id, [token.token_id],
+                             [token] if seq.params.logprobs is not None else None,
+                             seq.finish_reason.value if seq.is_finished else None)
+            if seq.num_output_tokens == 1:
+                out.num_cached_tokens = seq.num_cached_tokens or 0
+                if seq.params.prompt_logprobs is not None:
+                    out.prompt_logprobs = [None] + seq.prompt_logprobs
+            outputs.append(out)
+            if seq.is_finished:
+                self.metrics.on_finished(seq, now)
+                self._forget(seq)
+        sampled.clear()
+        self.sink(outputs)
+
+    def _clear_blocks(self, seq: Sequence):
+        blocks = self.block_manager.forget_exclusive_blocks(seq)
+        if blocks:
+            index = torch.tensor(blocks, device=self.device)
+            for cache in self.runner.kv_caches:
+                cache.index_fill_(1, index, 0)
+
+    def _expire(self, now: float):
+        limit = self.config.request_timeout
+        for request_id, seq in list(self._seqs.items()):
+            if now - seq.arrival_time > limit:
+                self.metrics.rejected.labels("timeout").inc()
+                self._end_early(request_id, RequestTimeoutError(
+                    f"request {request_id} timed out after {limit:g} s (--request-timeout) with "
+                    f"{seq.num_output_tokens} tokens generated"))
+
+    def _fail(self, out: SchedulerOutput, exc: Exception):
+        for item in out.scheduled:
+            if self._seqs.get(item.seq.request_id) is item.seq:
+                self._end_early(item.seq.request_id,
+                                RequestFailedError(f"request {item.seq.request_id} failed in the engine: {exc}"))
+            else:
+                self.scheduler.finish(item.seq, FinishReason.ABORT)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device, hf_config) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32
+    checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(checkpoint_dtype, str):
+        checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def _adapters_in(lora_dir: str | None) -> list[tuple[str, str]]:
+    """Every adapter directly inside --lora-dir, named by its directory."""
+    if lora_dir is None:
+        return []
+    root = Path(lora_dir)
+    if not root.is_dir():
+        raise LoRAError(f"--lora-dir {lora_dir} is not a directory")
+    # one that leads outside the directory (a symlink) is refused by load_adapter's root check, file by file
+    return [(d.name, str(d)) for d in sorted(root.iterdir()) if (d / "adapter_config.json").is_file()]
