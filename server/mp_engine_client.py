@@ -66,6 +66,7 @@ class MultiprocessEngineClient(EngineClient):
         deadline = None if timeout is None else loop.time() + timeout
         while not await sock.poll(100):
             if process is not None and not process.is_alive():
+                monitor.close(linger=0)
                 sock.close(linger=0)
                 ctx.term()
                 raise RuntimeError(f"the engine core process exited with code {process.exitcode} while loading")
