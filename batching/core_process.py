@@ -8,6 +8,7 @@ when its step loop dies, and exits 0 on SIGTERM after aborting what is left.
 import asyncio
 import ctypes
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -33,6 +34,9 @@ def die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):   # not Linux: the parent's exit handlers stop it instead
         pass
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:   # it died while this process was starting
+        os._exit(1)
 
 
 def run_engine_core(config: EngineConfig, address: str, log_level: str = "info"):

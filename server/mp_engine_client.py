@@ -65,13 +65,16 @@ class MultiprocessEngineClient(EngineClient):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not await sock.poll(100):
+            failure = None
             if process is not None and not process.is_alive():
+                failure = RuntimeError(f"the engine core process exited with code {process.exitcode} while loading")
+            elif deadline is not None and loop.time() > deadline:
+                failure = TimeoutError(f"the engine core at {address} did not answer within {timeout:g} s")
+            if failure is not None:
                 monitor.close(linger=0)
                 sock.close(linger=0)
                 ctx.term()
-                raise RuntimeError(f"the engine core process exited with code {process.exitcode} while loading")
-            if deadline is not None and loop.time() > deadline:
-                raise TimeoutError(f"the engine core at {address} did not answer within {timeout:g} s")
+                raise failure
         reply = from_core_decoder.decode(await sock.recv())
         info = msgspec.convert(reply.result, EngineInfo)
         return cls(info, log_requests, ctx, sock, monitor, process)
