@@ -1,7 +1,11 @@
-"""An in-process server (HTTP and gRPC) on a background thread, so tests can call it and inspect its engine."""
+"""A server (HTTP and gRPC) on a background thread of the test process, its engine core in-process or in a process
+of its own, so tests can call it and (in-process) inspect its engine."""
 import asyncio
+import re
 import threading
 import time
+
+import httpx
 
 import pytest
 import torch
@@ -17,30 +21,43 @@ MODEL_NAME = "tiny-llama"
 
 
 class LiveServer:
-    def __init__(self, model_path: str, access=None, **engine_kwargs):
-        self.engine = in_process_engine(EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1,
-                                               **engine_kwargs))
+    """multiprocess: the engine core in a process of its own (as python -m server runs it), else on the server's
+    event loop, where tests can reach into it through engine.core."""
+
+    def __init__(self, model_path: str, access=None, multiprocess: bool = False, **engine_kwargs):
+        config = EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1, **engine_kwargs)
+        self.multiprocess = multiprocess
+        if multiprocess:
+            self.core_process, self.address = start_engine_core(config, "warning")
+            self.engine = None   # connected on the server's own event loop
+        else:
+            self.engine = in_process_engine(config)
         self.port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.access = access
-        config = uvicorn.Config(build_app(self.engine, access), host="127.0.0.1", port=self.port,
-                                log_level="warning", loop="asyncio")
-        self.server = uvicorn.Server(config)
+        self.server: uvicorn.Server | None = None
         self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
 
     async def _serve(self):
+        if self.multiprocess:
+            self.engine = await MultiprocessEngineClient.connect(self.address, process=self.core_process, timeout=120)
+        config = uvicorn.Config(build_app(self.engine, self.access), host="127.0.0.1", port=self.port,
+                                log_level="warning", loop="asyncio")
+        self.server = uvicorn.Server(config)
         grpc_server, _ = await start_grpc_server(self.engine, "127.0.0.1", self.grpc_port, self.access)
         try:
             await self.server.serve()
         finally:
             await grpc_server.stop(grace=None)
+            if self.multiprocess:
+                await self.engine.shutdown()
 
     def __enter__(self):
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline:
+        deadline = time.monotonic() + 120
+        while self.server is None or not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("server did not start")
             time.sleep(0.02)
         return self
@@ -49,19 +66,38 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=30)
 
+    def metrics(self) -> dict[str, float]:
+        """The server's /metrics, each sample's values summed over its labels."""
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        found: dict[str, float] = {}
+        for name, value in re.findall(r"^([a-z_]+)(?:\{[^}]*\})? (\S+)$", text, re.M):
+            found[name] = found.get(name, 0.0) + float(value)
+        return found
+
+    def num_steps(self) -> int:
+        """Engine steps so far (the batch-size histogram counts one per step)."""
+        return int(self.metrics()["lmserve_batch_size_count"])
+
     def wait_until_all_blocks_free(self, timeout: float = 5.0) -> bool:
-        bm = self.engine.core.block_manager
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if bm.num_free_blocks == bm.num_blocks and not self.engine._requests:
-                return True
+            if self.multiprocess:
+                m = self.metrics()
+                if not (self.engine._requests or m["lmserve_kv_cache_usage_ratio"] or m["lmserve_num_requests_running"]
+                        or m["lmserve_num_requests_waiting"]):
+                    return True
+            else:
+                bm = self.engine.core.block_manager
+                if bm.num_free_blocks == bm.num_blocks and not self.engine._requests and not self.engine.core._seqs:
+                    return True
             time.sleep(0.01)
         return False
 
 
-@pytest.fixture(scope="module")
-def live(llama):
-    with LiveServer(llama, kv_cache_tokens=8192) as server:
+@pytest.fixture(scope="module", params=["in-process", "multiprocess"])
+def live(llama, request):
+    """The same tests against both engine clients."""
+    with LiveServer(llama, multiprocess=request.param == "multiprocess", kv_cache_tokens=8192) as server:
         yield server
 
 

@@ -216,20 +216,20 @@ def test_openai_client_raises_typed_errors(client):
 def test_client_disconnect_aborts_the_request_and_frees_blocks(live):
     # 400 tokens take 400 engine steps when run to the end; an aborted request stops far earlier.
     body = {"model": MODEL_NAME, "prompt": "Keep going", "max_tokens": 400, "ignore_eos": True}
-    steps = live.engine.core.num_steps
+    steps = live.num_steps()
     with httpx.stream("POST", live.url + "/v1/completions", json=body | {"stream": True}) as r:
         for _ in zip(range(3), r.iter_lines()):
             pass
     assert live.wait_until_all_blocks_free()
-    assert live.engine.core.num_steps - steps < 300
-    steps = live.engine.core.num_steps
+    assert live.num_steps() - steps < 300
+    steps = live.num_steps()
     with pytest.raises(httpx.TimeoutException):
         httpx.post(live.url + "/v1/completions", json=body, timeout=0.1)  # non-streaming, gives up early
     assert live.wait_until_all_blocks_free()
-    assert live.engine.core.num_steps - steps < 300
-    steps = live.engine.core.num_steps
+    assert live.num_steps() - steps < 300
+    steps = live.num_steps()
     generate = {"prompt": "Keep going", "max_tokens": 400, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(live.url + "/generate", json=generate, timeout=0.1)      # the minimal endpoint too
     assert live.wait_until_all_blocks_free()
-    assert live.engine.core.num_steps - steps < 300
+    assert live.num_steps() - steps < 300
