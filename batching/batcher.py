@@ -5,7 +5,7 @@ Only admission waits here; sequences already running keep stepping every iterati
 import time
 from collections import deque
 
-from server.sequence import Sequence
+from batching.sequence import Sequence
 
 
 class DynamicBatcher:

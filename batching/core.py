@@ -25,14 +25,14 @@ from server.cuda_graphs import build_decode_graphs
 from server.errors import (EngineDeadError, ModelNotFoundError, RequestFailedError, RequestTimeoutError,
                            ServerBusyError, ShutdownAbortError, ShuttingDownError, error_to_wire)
 from server.host_memory import keep_freed_memory
-from server.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
+from batching.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.loader import load_hf_config, load_model
 from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
 from server.metrics import EngineMetrics
 from server.model_runner import ModelRunner
 from server.model_source import resolve_model
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
-from server.sequence import FinishReason, Sequence, SequenceStatus
+from batching.sequence import FinishReason, Sequence, SequenceStatus
 from server.tokenizer import eos_token_ids, load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from batching.messages import (Abort, AddRequest, Call, CoreOutput, ErrorInfo, R
 from server.config import EngineConfig
 from server.errors import error_to_wire, status_of
 from server.sampling import InvalidRequestError
-from server.sequence import FinishReason
+from batching.sequence import FinishReason
 
 log = logging.getLogger("lmserve.engine_core")
 _PR_SET_PDEATHSIG = 1

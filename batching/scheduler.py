@@ -9,8 +9,8 @@ waits at the head of the queue to be recomputed, with the prefix cache catching 
 from collections import deque
 from dataclasses import dataclass
 
-from server.kv_cache import BlockManager
-from server.sequence import FinishReason, Sequence, SequenceStatus
+from batching.kv_cache import BlockManager
+from batching.sequence import FinishReason, Sequence, SequenceStatus
 
 
 @dataclass

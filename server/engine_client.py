@@ -21,7 +21,7 @@ from server.metrics import render_process_metrics
 from server.outputs import RequestOutput, StopStringMatcher
 from server.redact import mask_pii
 from server.sampling import InvalidRequestError, SamplingParams
-from server.sequence import FinishReason
+from batching.sequence import FinishReason
 from server.tokenizer import IncrementalDetokenizer, encode_chat, load_tokenizer
 
 _INLINE_TOKENIZE_CHARS = 4096   # shorter texts are tokenized on the event loop: a thread hop costs more

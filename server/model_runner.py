@@ -12,7 +12,7 @@ from batching.scheduler import SchedulerOutput
 from server.cuda_graphs import DecodeGraphs
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.sampling import SampledToken, SamplerRow, sample, token_logprobs
-from server.sequence import Sequence
+from batching.sequence import Sequence
 
 
 @dataclass

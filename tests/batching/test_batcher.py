@@ -3,7 +3,7 @@ import torch
 
 from batching.batcher import DynamicBatcher
 from server.sampling import SamplingParams
-from server.sequence import Sequence
+from batching.sequence import Sequence
 
 
 class Clock:

@@ -2,9 +2,9 @@
 import torch
 
 from batching.scheduler import Scheduler
-from server.kv_cache import BlockManager
+from batching.kv_cache import BlockManager
 from server.sampling import SampledToken, SamplingParams
-from server.sequence import FinishReason, Sequence, SequenceStatus
+from batching.sequence import FinishReason, Sequence, SequenceStatus
 
 
 def seq(n_prompt: int, rid: str, max_tokens: int = 100, **params) -> Sequence:

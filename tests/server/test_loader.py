@@ -13,10 +13,10 @@ from tests.conftest import random_prompts
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_logits_match_hf_for_a_full_prompt(checkpoints, hf_reference, arch):
     from batching.scheduler import ScheduledSequence, SchedulerOutput
-    from server.kv_cache import BlockManager
+    from batching.kv_cache import BlockManager
     from server.model_runner import ModelRunner
     from server.sampling import SamplingParams
-    from server.sequence import Sequence
+    from batching.sequence import Sequence
 
     model = load_model(checkpoints[arch], torch.float32, torch.device("cpu"), 512)
     cfg = model.config

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.sequence import Sequence
+from batching.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

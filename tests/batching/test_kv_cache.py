@@ -1,9 +1,9 @@
 """BlockManager: allocation, ref-counts, prefix hashing, LRU eviction; cache sizing."""
 import torch
 
-from server.kv_cache import CPU_DEFAULT_BUDGET, BlockManager, kv_cache_bytes_per_token, size_kv_cache
+from batching.kv_cache import CPU_DEFAULT_BUDGET, BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.sampling import SamplingParams
-from server.sequence import Sequence
+from batching.sequence import Sequence
 
 
 def seq(tokens, rid="r") -> Sequence:
