@@ -14,6 +14,7 @@ import uvicorn
 from bench.processes import free_port
 from server.config import EngineConfig
 from server.engine_client import in_process_engine
+from server.mp_engine_client import MultiprocessEngineClient, start_engine_core
 from server.grpc_service import start_grpc_server
 from server.http.app import build_app
 

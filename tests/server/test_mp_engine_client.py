@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import zmq
 
-from batching.messages import AddRequest, encoder
+from batching.messages import encoder
 from server.config import EngineConfig
 from server.errors import EngineDeadError, ModelNotFoundError
 from server.mp_engine_client import MultiprocessEngineClient, start_engine_core
