@@ -4,7 +4,6 @@ python -m server runs the first API process; with --api-server-count N it starts
 which join the same engine core and bind the same HTTP port (SO_REUSEPORT). The first one watches the others and
 stops the server, non-zero, when one dies.
 """
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -14,17 +13,19 @@ import signal
 import socket
 import sys
 
+from server.config import ServerConfig
+
 log = logging.getLogger("lmserve")
 
 
-def start_api_server(args: argparse.Namespace, address: str, index: int) -> multiprocessing.Process:
-    process = multiprocessing.get_context("spawn").Process(target=run_api_server, args=(args, address, index),
+def start_api_server(args: ServerConfig, address: str, index: int, log_requests: bool) -> multiprocessing.Process:
+    process = multiprocessing.get_context("spawn").Process(target=run_api_server, args=(args, address, index, log_requests),
                                                            name=f"lmserve-api-{index}", daemon=True)
     process.start()
     return process
 
 
-def run_api_server(args: argparse.Namespace, address: str, index: int):
+def run_api_server(args: ServerConfig, address: str, index: int, log_requests: bool):
     """Another API process's entry point: HTTP on the shared port, the same engine core; no gRPC."""
     from batching.core_process import die_with_parent
     from server.auth import build_access
@@ -36,12 +37,12 @@ def run_api_server(args: argparse.Namespace, address: str, index: int):
 
     async def serve_worker():
         access = build_access(args.api_key, args.api_keys_file, args.audit_log)
-        engine = await MultiprocessEngineClient.connect(address, args.log_requests, timeout=60)
+        engine = await MultiprocessEngineClient.connect(address, log_requests, timeout=60)
         await serve_api(args, engine, access, primary=False)
     run_event_loop(serve_worker())
 
 
-async def serve_api(args: argparse.Namespace, engine, access, primary: bool,
+async def serve_api(args: ServerConfig, engine, access, primary: bool,
                     workers: list[multiprocessing.Process] = ()):
     """Serves engine over HTTP until a signal drains it or the engine dies. The primary API process also serves
     gRPC and takes SIGINT (the others take SIGTERM from it); workers: the other API processes it started."""

