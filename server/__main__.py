@@ -44,8 +44,8 @@ async def serve(config: EngineConfig, args: ServerConfig):
             engine = await MultiprocessEngineClient.connect(address, config.log_requests, core)
     except (ValueError, OSError) as e:  # a bad checkpoint, quantization, kernel choice or keys file: say what
         raise SystemExit(f"error: {e}") from None
-    except RuntimeError as e:   # the engine core process said why on stderr before it exited
-        raise SystemExit(f"error: {e}") from None
+    except RuntimeError as e:   # the engine core process exited while loading; with code 1 it said why itself
+        raise SystemExit(1 if core.exitcode == 1 else f"error: {e}") from None
     if access.enabled:
         log.info("API keys required (%s)", ", ".join(f"{k.id} {k.role}" for k in access.keys))
     workers = [start_api_server(args, address, i, config.log_requests) for i in range(1, args.api_server_count)]
