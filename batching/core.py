@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class EngineCore:
-    CALLS = ("info", "load_adapter", "unload_adapter", "adapters", "metrics", "check_capacity", "abort_all", "start_draining")
+    CALLS = ("info", "load_adapter", "unload_adapter", "adapters", "metrics", "check_capacity")   # over the socket
 
     def __init__(self, config: EngineConfig, sink: Callable[[list[CoreOutput]], None] | None = None):
         self.config = config
@@ -104,7 +104,7 @@ class EngineCore:
         self.sink = sink or (lambda outputs: None)
         self._rng = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}     # every request from add_request to its end
-        self._pinned: set[str] = set()           # ids of requests holding their adapter's device slot
+        self._pinned: set[Sequence] = set()      # requests holding their adapter's device slot
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -144,10 +144,12 @@ class EngineCore:
 
     async def _admit_with_adapter(self, seq: Sequence, lora: LoRAAdapter):
         await self.lora_pool.acquire(lora)   # waits while every slot serves other adapters' requests
-        self._pinned.add(seq.request_id)
+        self._pinned.add(seq)
         if self._seqs.get(seq.request_id) is not seq:   # aborted while it waited
-            self._pinned.discard(seq.request_id)
+            self._pinned.discard(seq)
             await self.lora_pool.release(lora)
+            if self.adapters.get(lora.name) is not lora and lora not in self.lora_pool.in_use:
+                self.lora_pool.evict(lora)
         elif self.adapters.get(lora.name) is not lora:   # unloaded while it waited
             self._end_early(seq.request_id, ModelNotFoundError(f"the adapter {lora.name!r} was unloaded"))
         else:
@@ -173,9 +175,14 @@ class EngineCore:
 
     def _forget(self, seq: Sequence):
         del self._seqs[seq.request_id]
-        if seq.request_id in self._pinned:
-            self._pinned.discard(seq.request_id)
-            asyncio.get_running_loop().create_task(self.lora_pool.release(seq.lora))
+        if seq in self._pinned:
+            self._pinned.discard(seq)
+            asyncio.get_running_loop().create_task(self._release(seq.lora))
+
+    async def _release(self, lora: LoRAAdapter):
+        await self.lora_pool.release(lora)
+        if self.adapters.get(lora.name) is not lora and lora not in self.lora_pool.in_use:
+            self.lora_pool.evict(lora)   # unloaded while this request ran: its slot is free now
 
     def check_capacity(self, count: int = 1):
         """ServerBusyError, counted once, when count more requests would pass --max-queued-requests."""
@@ -353,7 +360,8 @@ class EngineCore:
             self.num_steps += 1
             for seq, reason in result.failed.items():
                 self._clear_blocks(seq)   # NaN / inf in its cache blocks would spread to their next owner
-                self._end_early(seq.request_id, RequestFailedError(f"request {seq.request_id} failed: {reason}"))
+                if self._seqs.get(seq.request_id) is seq:
+                    self._end_early(seq.request_id, RequestFailedError(f"request {seq.request_id} failed: {reason}"))
             for seq, scored in result.prompt_logprobs.items():
                 seq.prompt_logprobs.extend(scored)
             undelivered = [(seq, result.sampled[seq])

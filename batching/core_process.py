@@ -3,7 +3,9 @@
 Every API process connects a DEALER socket and sends batching/messages.py messages; the core answers each
 API process's requests with one StepOutputs per step and each Call with a Reply. A message that does not
 decode to those types is logged and dropped. The process dies with its parent (PR_SET_PDEATHSIG), exits 1
-when its step loop dies, and exits 0 on SIGTERM after aborting what is left.
+when its step loop dies, and exits 0 on SIGUSR1 (sent by the API process that started it, once every API process
+has drained) after aborting what is left. SIGTERM and SIGINT are ignored: a stop signal sent to the whole
+process group must not end the core before the API processes have drained.
 """
 import asyncio
 import ctypes
@@ -25,6 +27,7 @@ from server.sampling import InvalidRequestError
 from batching.sequence import FinishReason
 
 log = logging.getLogger("lmserve.engine_core")
+MAX_MESSAGE_BYTES = 64 * 2**20
 _PR_SET_PDEATHSIG = 1
 
 
@@ -42,7 +45,8 @@ def die_with_parent():
 def run_engine_core(config: EngineConfig, address: str, log_level: str = "info"):
     """The process's entry point (multiprocessing, spawn)."""
     die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C goes to the API process, which stops us
+    for sig in (signal.SIGINT, signal.SIGTERM):   # the API process that started this one says when to stop
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(0.001)
     try:
@@ -63,17 +67,19 @@ async def _serve(config: EngineConfig, address: str):
     sock = ctx.socket(zmq.ROUTER)
     for option in (zmq.SNDHWM, zmq.RCVHWM, zmq.LINGER):
         sock.setsockopt(option, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)   # a bigger message drops its connection, unread
     sock.bind(address)
     server = CoreServer(core, sock)
     stop = asyncio.get_running_loop().create_future()
     core.on_loop_death = lambda exc: stop.done() or stop.set_result(1)
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: stop.done() or stop.set_result(0))
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, lambda: stop.done() or stop.set_result(0))
     log.info("engine core ready on %s", address)
     receiving = asyncio.get_running_loop().create_task(server.receive())
+    receiving.add_done_callback(lambda task: task.cancelled() or stop.done() or stop.set_result(1))
     code = await stop
     receiving.cancel()
     await core.shutdown()
-    sock.close(linger=0)
+    ctx.destroy(linger=500)   # the last outputs (requests ended by the stop) still reach their API processes
     logging.shutdown()
     os._exit(code)   # nothing is left to save; tearing down torch's interpreter state would take seconds
 
@@ -89,26 +95,36 @@ class CoreServer:
 
     async def receive(self):
         while True:
-            identity, payload = await self.sock.recv_multipart()
-            try:
-                msg = to_core_decoder.decode(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                log.warning("refused a message on the engine socket (%d bytes): %s", len(payload), e)
-                request_id = _request_id_of(payload)
-                if request_id is not None and request_id not in self.owner:   # its sender is told, not left waiting
-                    error = ErrorInfo("InvalidRequestError", f"the engine refused the request: {e}")
-                    self._send(identity, [CoreOutput(request_id, [], error=error)])
+            frames = await self.sock.recv_multipart()
+            if len(frames) != 2:   # an API process sends one frame per message; the ROUTER adds the identity
+                log.warning("refused a message of %d frames on the engine socket", len(frames) - 1)
                 continue
-            if isinstance(msg, AddRequest):
-                self.add(identity, msg)
-            elif isinstance(msg, Abort):
-                reason = FinishReason.STOP if msg.reason == "stop" else FinishReason.ABORT
-                for request_id in msg.request_ids:
-                    if self.owner.get(request_id) == identity:
-                        del self.owner[request_id]
-                        self.core.abort(request_id, reason)
-            else:
-                asyncio.get_running_loop().create_task(self.answer(identity, msg))
+            identity, payload = frames
+            try:
+                self.handle(identity, payload)
+            except Exception:   # one bad message must not stop the core from hearing the next
+                log.exception("a message on the engine socket (%d bytes) failed", len(payload))
+
+    def handle(self, identity: bytes, payload: bytes):
+        try:
+            msg = to_core_decoder.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as e:
+            log.warning("refused a message on the engine socket (%d bytes): %s", len(payload), e)
+            request_id = _request_id_of(payload)
+            if request_id is not None and request_id not in self.owner:   # its sender is told, not left waiting
+                error = ErrorInfo("InvalidRequestError", f"the engine refused the request: {e}")
+                self._send(identity, [CoreOutput(request_id, [], error=error)])
+            return
+        if isinstance(msg, AddRequest):
+            self.add(identity, msg)
+        elif isinstance(msg, Abort):
+            reason = FinishReason.STOP if msg.reason == "stop" else FinishReason.ABORT
+            for request_id in msg.request_ids:
+                if self.owner.get(request_id) == identity:
+                    del self.owner[request_id]
+                    self.core.abort(request_id, reason)
+        else:
+            asyncio.get_running_loop().create_task(self.answer(identity, msg))
 
     def add(self, identity: bytes, req: AddRequest):
         try:
@@ -159,7 +175,7 @@ def _request_id_of(payload: bytes) -> str | None:
     """The request id of an AddRequest that did not decode to its type (msgpack into plain values only)."""
     try:
         msg = msgspec.msgpack.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     if isinstance(msg, dict) and msg.get("type") == "add" and isinstance(msg.get("request_id"), str):
         return msg["request_id"]

@@ -34,6 +34,7 @@ async def serve(config: EngineConfig, args: ServerConfig):
     from server.engine_client import in_process_engine
     from server.mp_engine_client import MultiprocessEngineClient, start_engine_core
 
+    core = None
     try:
         access = build_access(args.api_key, args.api_keys_file, args.audit_log)
         if args.engine_in_process:
@@ -45,7 +46,7 @@ async def serve(config: EngineConfig, args: ServerConfig):
     except (ValueError, OSError) as e:  # a bad checkpoint, quantization, kernel choice or keys file: say what
         raise SystemExit(f"error: {e}") from None
     except RuntimeError as e:   # the engine core process exited while loading; with code 1 it said why itself
-        raise SystemExit(1 if core.exitcode == 1 else f"error: {e}") from None
+        raise SystemExit(1 if core is not None and core.exitcode == 1 else f"error: {e}") from None
     if access.enabled:
         log.info("API keys required (%s)", ", ".join(f"{k.id} {k.role}" for k in access.keys))
     workers = [start_api_server(args, address, i, config.log_requests) for i in range(1, args.api_server_count)]

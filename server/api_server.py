@@ -82,9 +82,9 @@ async def serve_api(args: ServerConfig, engine, access, primary: bool,
 
     async def drain(sig: signal.Signals):
         log.info("%s: draining (new requests refused, health 503); in flight: %d", sig.name, engine.num_in_flight)
-        for worker in workers:   # each API process drains its own requests
+        for worker in workers:   # each API process drains its own requests (SIGUSR1: drain, once)
             if worker.is_alive():
-                os.kill(worker.pid, signal.SIGTERM)
+                os.kill(worker.pid, signal.SIGUSR1)
         engine.start_draining()
         if grpc_health is not None:
             await grpc_health.enter_graceful_shutdown()
@@ -93,18 +93,24 @@ async def serve_api(args: ServerConfig, engine, access, primary: bool,
                         engine.num_in_flight)
             engine.abort_all(f"the server shut down (--shutdown-timeout {args.shutdown_timeout:g} s passed)")
             await asyncio.sleep(0.1)   # their streams write the error and end
-        for worker in workers:
-            await asyncio.to_thread(worker.join, 5)
+        for worker in workers:   # they drain for --shutdown-timeout too
+            await asyncio.to_thread(worker.join, args.shutdown_timeout + 5)
         server.should_exit = True
 
     def on_signal(sig: signal.Signals):
-        if engine.draining:  # a second signal: stop now, ending the streams first so none dies mid-write
+        if sig == signal.SIGUSR1:   # the first API process asks this one to drain; a stop signal of its own may too
+            if not engine.draining:
+                loop.create_task(drain(sig))
+        elif engine.draining:  # a second signal: stop now, ending the streams first so none dies mid-write
             engine.abort_all(f"the server was stopped ({sig.name} a second time)")
             server.should_exit = True   # uvicorn's own shutdown then waits at most timeout_graceful_shutdown
         else:
             loop.create_task(drain(sig))
 
     def reload_keys():
+        for worker in workers:
+            if worker.is_alive():
+                os.kill(worker.pid, signal.SIGHUP)
         try:
             access.reload()
             log.info("SIGHUP: API keys re-read (%d keys)", len(access.keys))
@@ -126,9 +132,11 @@ async def serve_api(args: ServerConfig, engine, access, primary: bool,
             server.should_exit = True
 
     engine.on_loop_death = on_engine_death
+    if engine.failure is not None:   # the core died while this process was starting
+        server.should_exit = True
     for worker in workers:
         loop.add_reader(worker.sentinel, on_worker_exit, worker)
-    for sig in (signal.SIGTERM, signal.SIGINT) if primary else (signal.SIGTERM,):
+    for sig in (signal.SIGTERM, signal.SIGINT) if primary else (signal.SIGTERM, signal.SIGUSR1):
         loop.add_signal_handler(sig, on_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_keys)
     try:

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 class _RequestState:
     """One request as its API process follows it: the stream's queue, its text so far, its counters."""
     request_id: str
+    wire_id: str                     # its id on the engine socket (see EngineClient._wire_id)
     prompt_token_ids: list[int]
     params: SamplingParams
     queue: asyncio.Queue
@@ -57,7 +58,8 @@ class EngineClient:
         self.tokenizer = load_tokenizer(info.model_path)
         self.max_prompt_chars = self.max_model_len * _longest_token_chars(self.tokenizer)
         self.log_requests = log_requests
-        self._requests: dict[str, _RequestState] = {}
+        self._requests: dict[str, _RequestState] = {}       # by the client's request id
+        self._by_wire_id: dict[str, _RequestState] = {}    # the same, by their ids on the engine socket
         self._starting: set[str] = set()   # ids of requests between arrival and registration (tokenizing, ...)
         self.draining = False
         self.failure: BaseException | None = None   # why the engine core stopped, once it has
@@ -95,16 +97,17 @@ class EngineClient:
             prompt = list(prompt)
             check_prompt(prompt, params, self.vocab_size, self.max_model_len, self.kv_cache_tokens)
             self._check_open()
-            state = _RequestState(request_id, prompt, params, asyncio.Queue(),
+            state = _RequestState(request_id, self._wire_id(request_id), prompt, params, asyncio.Queue(),
                                   IncrementalDetokenizer(self.tokenizer, prompt, params.skip_special_tokens),
                                   StopStringMatcher(params.stop, params.include_stop_str_in_output))
             self._requests[request_id] = state
+            self._by_wire_id[state.wire_id] = state
         finally:
             self._starting.discard(request_id)
         try:
-            self._send_add(AddRequest(request_id, prompt, params, adapter or None, time.monotonic()))
+            self._send_add(AddRequest(state.wire_id, prompt, params, adapter or None, time.monotonic()))
         except BaseException:
-            self._requests.pop(request_id, None)
+            self._forget(state)
             raise
         try:
             while True:
@@ -124,74 +127,91 @@ class EngineClient:
         if self.draining:
             raise ShuttingDownError("the server is shutting down and takes no new requests")
 
+    def _wire_id(self, request_id: str) -> str:
+        """The id a request goes by on the engine socket: the client's own here; unique per process where the
+        core is shared and outputs arrive late (MultiprocessEngineClient), so a reused id never gets another's."""
+        return request_id
+
+    def _forget(self, state: _RequestState):
+        if self._requests.get(state.request_id) is state:
+            del self._requests[state.request_id]
+        self._by_wire_id.pop(state.wire_id, None)
+
     def abort(self, request_id: str):
         """Ends the request now and frees its KV blocks; its stream gets a final 'abort' delta."""
-        state = self._requests.pop(request_id, None)
+        state = self._requests.get(request_id)
         if state is None:
             return
-        self._send_abort(Abort([request_id]))
+        self._forget(state)
+        self._send_abort(Abort([state.wire_id]))
         state.queue.put_nowait(self._output(state, [], [] if state.params.logprobs is not None else None, "", "abort"))
 
     def abort_all(self, why: str):
         """Ends every request in flight now with a ShutdownAbortError that says why; their blocks are freed."""
-        ids = list(self._requests)
-        if ids:
-            self._send_abort(Abort(ids))
-        for request_id in ids:
-            self._requests.pop(request_id).queue.put_nowait(
-                ShutdownAbortError(f"request {request_id} was aborted: {why}"))
+        states = list(self._requests.values())
+        if states:
+            self._send_abort(Abort([state.wire_id for state in states]))
+        for state in states:
+            self._forget(state)
+            state.queue.put_nowait(ShutdownAbortError(f"request {state.request_id} was aborted: {why}"))
 
     def _fail_all(self, error: Exception):
         """The engine core stopped: every request in flight ends with error, at once."""
-        for request_id, state in list(self._requests.items()):
-            del self._requests[request_id]
-            state.queue.put_nowait(EngineDeadError(f"request {request_id} failed: {error}"))
+        for state in list(self._requests.values()):
+            self._forget(state)
+            state.queue.put_nowait(EngineDeadError(f"request {state.request_id} failed: {error}"))
 
     # --- outputs from the core ------------------------------------------------------------------
     def _process(self, outputs: list[CoreOutput]):
         """One step's outputs: text deltas into each request's stream; a stop string found ends it."""
         stopped = []
         for o in outputs:
-            state = self._requests.get(o.request_id)
+            state = self._by_wire_id.get(o.request_id)
             if state is None:   # ended here already (aborted, stop string); the core learns it or has
                 continue
-            if o.error is not None:
-                del self._requests[o.request_id]
-                state.queue.put_nowait(error_from_wire(o.error.kind, o.error.message, o.error.param))
-                continue
-            finish = o.finish_reason
-            if state.num_output_tokens == 0:
-                state.num_cached_tokens = o.num_cached_tokens
-            state.num_output_tokens += len(o.token_ids)
-            if o.token_ids:
-                state.last_token = o.token_ids[-1]
             try:
-                state.detokenizer.step(o.token_ids, final=finish is not None)
-            except Exception as e:  # this request's text cannot be made: it fails, the others go on
-                log.exception("detokenizing request %s failed", o.request_id)
-                del self._requests[o.request_id]
+                if self._deliver(state, o):
+                    stopped.append(o.request_id)
+            except Exception as e:  # this request's output cannot be made: it fails, the others go on
+                log.exception("the output of request %s failed", state.request_id)
+                self._forget(state)
                 self._send_abort(Abort([o.request_id]))
                 state.queue.put_nowait(RequestFailedError(
-                    f"request {o.request_id} failed: detokenizing token {o.token_ids}: {type(e).__name__}: {e}"))
-                continue
-            text = state.stop_matcher.feed(state.detokenizer.text, final=finish is not None)
-            if state.stop_matcher.matched is not None and finish is None:
-                finish = "stop"
-                stopped.append(o.request_id)
-                text += state.stop_matcher.feed(state.detokenizer.text, final=True)
-            out = self._output(state, o.token_ids, o.logprobs, text, finish)
-            if state.num_output_tokens == len(o.token_ids):
-                out.prompt_token_ids = state.prompt_token_ids
-                out.prompt_logprobs = o.prompt_logprobs
-            if finish is not None:
-                del self._requests[o.request_id]
-                if self.log_requests:
-                    request_log.info("request %s finished (%s): prompt %r output %r", o.request_id, finish,
-                                     mask_pii(self.tokenizer.decode(state.prompt_token_ids)),
-                                     mask_pii(state.detokenizer.text))
-            state.queue.put_nowait(out)
+                    f"request {state.request_id} failed: detokenizing token {o.token_ids}: {type(e).__name__}: {e}"))
         if stopped:
             self._send_abort(Abort(stopped, reason="stop"))
+
+    def _deliver(self, state: _RequestState, o: CoreOutput) -> bool:
+        """Puts one output's delta in the request's stream; True when a stop string ended it here."""
+        if o.error is not None:
+            self._forget(state)
+            message = o.error.message.replace(o.request_id, state.request_id)
+            state.queue.put_nowait(error_from_wire(o.error.kind, message, o.error.param))
+            return False
+        finish = o.finish_reason
+        if state.num_output_tokens == 0:
+            state.num_cached_tokens = o.num_cached_tokens
+        state.num_output_tokens += len(o.token_ids)
+        if o.token_ids:
+            state.last_token = o.token_ids[-1]
+        state.detokenizer.step(o.token_ids, final=finish is not None)
+        text = state.stop_matcher.feed(state.detokenizer.text, final=finish is not None)
+        stopped = state.stop_matcher.matched is not None and finish is None
+        if stopped:
+            finish = "stop"
+            text += state.stop_matcher.feed(state.detokenizer.text, final=True)
+        out = self._output(state, o.token_ids, o.logprobs, text, finish)
+        if state.num_output_tokens == len(o.token_ids):
+            out.prompt_token_ids = state.prompt_token_ids
+            out.prompt_logprobs = o.prompt_logprobs
+        if finish is not None:
+            self._forget(state)
+            if self.log_requests:
+                request_log.info("request %s finished (%s): prompt %r output %r", state.request_id, finish,
+                                 mask_pii(self.tokenizer.decode(state.prompt_token_ids)),
+                                 mask_pii(state.detokenizer.text))
+        state.queue.put_nowait(out)
+        return stopped
 
     def _output(self, state: _RequestState, token_ids, logprobs, text, finish: str | None) -> RequestOutput:
         stop_reason = None

@@ -10,6 +10,8 @@ import itertools
 import logging
 import multiprocessing
 import os
+import shutil
+import signal
 import tempfile
 
 import msgspec
@@ -31,7 +33,8 @@ _RESULT_TYPES = {"info": EngineInfo, "adapters": list[AdapterInfo], "load_adapte
 def start_engine_core(config: EngineConfig, log_level: str = "info") -> tuple[multiprocessing.Process, str]:
     """Spawns the engine core process; returns it and the socket address it will listen on once loaded."""
     from batching.core_process import run_engine_core
-    address = f"ipc://{tempfile.gettempdir()}/lmserve-engine-{os.getpid()}-{os.urandom(4).hex()}.sock"
+    folder = tempfile.mkdtemp(prefix="lmserve-engine-")   # mode 0700: only this user reaches the socket in it
+    address = f"ipc://{folder}/engine.sock"
     process = multiprocessing.get_context("spawn").Process(
         target=run_engine_core, args=(config, address, log_level), name="lmserve-engine-core", daemon=True)
     process.start()
@@ -44,6 +47,8 @@ class MultiprocessEngineClient(EngineClient):
         super().__init__(info, log_requests)
         self._ctx, self._sock, self._monitor, self.process = ctx, sock, monitor, process
         self._calls: dict[int, asyncio.Future] = {}
+        self._wire_ids = itertools.count()
+        self._wire_prefix = f"{os.getpid():x}-"
         self._call_ids = itertools.count(1)
         self.num_queued = 0   # requests waiting to start in the core, as of its last message
         loop = asyncio.get_running_loop()
@@ -77,7 +82,12 @@ class MultiprocessEngineClient(EngineClient):
                 raise failure
         reply = from_core_decoder.decode(await sock.recv())
         info = msgspec.convert(reply.result, EngineInfo)
-        return cls(info, log_requests, ctx, sock, monitor, process)
+        client = cls(info, log_requests, ctx, sock, monitor, process)
+        client.address = address
+        return client
+
+    def _wire_id(self, request_id: str) -> str:
+        return f"{self._wire_prefix}{next(self._wire_ids):x}"
 
     def _send_add(self, req: AddRequest):
         try:
@@ -106,15 +116,21 @@ class MultiprocessEngineClient(EngineClient):
         return reply.result if kind is None else msgspec.convert(reply.result, kind)
 
     async def _receive(self):
-        while True:
-            msg = from_core_decoder.decode(await self._sock.recv())
-            if isinstance(msg, StepOutputs):
-                self.num_queued = msg.num_queued
-                self._process(msg.outputs)
-            else:
-                future = self._calls.get(msg.call_id)
-                if future is not None and not future.done():
-                    future.set_result(msg)
+        try:
+            while True:
+                msg = from_core_decoder.decode(await self._sock.recv())
+                if isinstance(msg, StepOutputs):
+                    self.num_queued = msg.num_queued
+                    self._process(msg.outputs)
+                else:
+                    future = self._calls.get(msg.call_id)
+                    if future is not None and not future.done():
+                        future.set_result(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:   # nothing would reach this process's requests any more: fail them, stop serving
+            log.exception("reading the engine socket failed")
+            self._on_core_death(EngineDeadError(f"reading the engine socket failed: {e}"))
 
     async def _watch(self):
         """Waits for the socket to lose the core: its process ended."""
@@ -129,6 +145,8 @@ class MultiprocessEngineClient(EngineClient):
         self._on_core_death(EngineDeadError(f"the engine core process ended{code}"))
 
     def _on_core_death(self, error: EngineDeadError):
+        if self.failure is not None:
+            return
         log.error("%s", error)
         self.failure = error
         self._fail_all(error)
@@ -139,16 +157,18 @@ class MultiprocessEngineClient(EngineClient):
             self.on_loop_death(error)
 
     async def shutdown(self):
-        """Closes the socket; with a core of its own, stops it (SIGTERM, then SIGKILL after 10 s)."""
+        """Closes the socket; with a core of its own, stops it (SIGUSR1, then SIGKILL after 10 s)."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
-        if self.process is not None and self.process.is_alive():
-            self.process.terminate()
-            await asyncio.to_thread(self.process.join, 10)
+        if self.process is not None:
+            if self.process.is_alive():
+                os.kill(self.process.pid, signal.SIGUSR1)   # the core ignores SIGTERM: only its starter stops it
+                await asyncio.to_thread(self.process.join, 10)
             if self.process.is_alive():
                 self.process.kill()
                 await asyncio.to_thread(self.process.join, 5)
+            shutil.rmtree(os.path.dirname(self.address.removeprefix("ipc://")), ignore_errors=True)

@@ -33,7 +33,8 @@ class CoreProcess:
         return await MultiprocessEngineClient.connect(self.address, timeout=120)   # the fixture stops the core
 
     def stop(self):
-        self.process.terminate()
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGUSR1)   # how the API process that starts a core stops it
         self.process.join(10)
 
 
@@ -194,7 +195,11 @@ def test_the_engine_socket_runs_no_code_and_refuses_what_does_not_decode(llama_c
     sock.send(encoder.encode({"type": "add", "request_id": "crafted", "prompt_token_ids": [5],
                               "params": {"temperature": -5}}))   # an AddRequest whose params do not validate
     sock.send(encoder.encode({"type": "call", "call_id": 1, "method": "__init__", "args": []}))
-    replies = [sock.recv() for _ in range(2) if sock.poll(10_000)]
+    sock.send(encoder.encode({"type": "call", "call_id": 2, "method": "abort_all", "args": ["everyone's"]}))
+    sock.send_multipart([b"two", b"frames"])
+    nested = encoder.encode({"type": "call", "call_id": 3, "method": "metrics", "args": 0})[:-1] + b"\x91" * 5000 + b"\xc0"
+    sock.send(nested)                                        # arguments nested 5000 lists deep
+    replies = [sock.recv() for _ in range(3) if sock.poll(10_000)]
     sock.close(linger=0)
     ctx.term()
     decoded = [msgspec.msgpack.decode(r) for r in replies]
@@ -202,7 +207,7 @@ def test_the_engine_socket_runs_no_code_and_refuses_what_does_not_decode(llama_c
     refused = [d for d in decoded if d.get("type") == "step"]
     assert refused and refused[0]["outputs"][0][0] == "crafted" and "temperature" in refused[0]["outputs"][0][-1][1]
     calls = [d for d in decoded if d.get("type") == "reply"]
-    assert calls and "no engine call" in calls[0]["error"][1]
+    assert [c["call_id"] for c in calls] == [1, 2] and all("no engine call" in c["error"][1] for c in calls)
 
     async def still_serving():
         client = await llama_core.client()

@@ -114,6 +114,22 @@ def test_sigterm_drains_every_api_process_and_leaves_no_process(two_api_processe
     assert_all_gone(pids)
 
 
+def test_sigterm_to_every_process_at_once_still_drains(two_api_processes):
+    """As systemd stops a service: SIGTERM to each of its processes at the same moment."""
+    server = two_api_processes
+    pids = descendants(server.proc.pid)
+    body = BODY | {"max_tokens": 300, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        for pid in [server.proc.pid, *pids]:
+            os.kill(pid, signal.SIGTERM)
+        events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert server.proc.wait(timeout=60) == 0
+    assert_all_gone(pids)
+
+
 def test_a_killed_engine_core_fails_waiting_requests_and_ends_the_server_non_zero(two_api_processes):
     server = two_api_processes
     core = pid_in_log(server, r"engine core process (\d+) started")
