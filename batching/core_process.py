@@ -16,6 +16,7 @@ import signal
 import sys
 
 import msgspec
+import torch
 import zmq
 import zmq.asyncio
 
@@ -42,9 +43,12 @@ def die_with_parent():
         os._exit(1)
 
 
-def run_engine_core(config: EngineConfig, address: str, log_level: str = "info"):
-    """The process's entry point (multiprocessing, spawn)."""
+def run_engine_core(config: EngineConfig, address: str, log_level: str = "info", api_processes: int = 1):
+    """The process's entry point (multiprocessing, spawn). On a CPU device the model's torch threads leave a core
+    to each API process: oversubscribed, the step's threads and the API processes take turns on every core."""
     die_with_parent()
+    if not config.device.startswith("cuda") and not (config.device == "auto" and torch.cuda.is_available()):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - api_processes))
     for sig in (signal.SIGINT, signal.SIGTERM):   # the API process that started this one says when to stop
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

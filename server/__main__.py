@@ -29,6 +29,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 async def serve(config: EngineConfig, args: ServerConfig):
     """The first API process: starts the engine core (a process of its own unless --engine-in-process), the other
     --api-server-count - 1 API processes, and serves HTTP and gRPC itself; exits non-zero when any of them dies."""
+    import torch
+
     from server.api_server import serve_api, start_api_server
     from server.auth import build_access
     from server.engine_client import in_process_engine
@@ -40,7 +42,8 @@ async def serve(config: EngineConfig, args: ServerConfig):
         if args.engine_in_process:
             engine, address = in_process_engine(config), None
         else:
-            core, address = start_engine_core(config, args.log_level)
+            core, address = start_engine_core(config, args.log_level, args.api_server_count)
+            torch.set_num_threads(1)   # the model runs in the core; this process only parses and writes
             log.info("engine core process %d started; loading the model", core.pid)
             engine = await MultiprocessEngineClient.connect(address, config.log_requests, core)
     except (ValueError, OSError) as e:  # a bad checkpoint, quantization, kernel choice or keys file: say what

@@ -27,10 +27,13 @@ def start_api_server(args: ServerConfig, address: str, index: int, log_requests:
 
 def run_api_server(args: ServerConfig, address: str, index: int, log_requests: bool):
     """Another API process's entry point: HTTP on the shared port, the same engine core; no gRPC."""
+    import torch
+
     from batching.core_process import die_with_parent
     from server.auth import build_access
     from server.mp_engine_client import MultiprocessEngineClient
     die_with_parent()
+    torch.set_num_threads(1)   # the model runs in the engine core; this process only parses and writes
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # a terminal's Ctrl-C reaches the first API process, which says when
     sys.setswitchinterval(0.001)
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s api-{index} %(name)s: %(message)s")

@@ -30,13 +30,15 @@ log = logging.getLogger(__name__)
 _RESULT_TYPES = {"info": EngineInfo, "adapters": list[AdapterInfo], "load_adapter": AdapterInfo}
 
 
-def start_engine_core(config: EngineConfig, log_level: str = "info") -> tuple[multiprocessing.Process, str]:
-    """Spawns the engine core process; returns it and the socket address it will listen on once loaded."""
+def start_engine_core(config: EngineConfig, log_level: str = "info",
+                      api_processes: int = 1) -> tuple[multiprocessing.Process, str]:
+    """Spawns the engine core process; returns it and the socket address it will listen on once loaded.
+    api_processes: how many API processes will share the machine's cores with it."""
     from batching.core_process import run_engine_core
     folder = tempfile.mkdtemp(prefix="lmserve-engine-")   # mode 0700: only this user reaches the socket in it
     address = f"ipc://{folder}/engine.sock"
     process = multiprocessing.get_context("spawn").Process(
-        target=run_engine_core, args=(config, address, log_level), name="lmserve-engine-core", daemon=True)
+        target=run_engine_core, args=(config, address, log_level, api_processes), name="lmserve-engine-core", daemon=True)
     process.start()
     return process, address
 
