@@ -47,7 +47,7 @@ class EngineCore:
         self.model_path = source.path
         self.model_name = config.served_model_name or source.name
         hf_config = load_hf_config(self.model_path)
-        self.device = _resolve_device(config.device)
+        self.device = resolve_device(config.device)
         if self.device.type == "cpu":
             keep_freed_memory()
         self.dtype = _resolve_dtype(config.dtype, self.device, hf_config)
@@ -112,6 +112,17 @@ class EngineCore:
         self.draining = False
         self.failure: BaseException | None = None    # why the step loop died, once it has
         self.on_loop_death = None                    # called with that exception (the server exits non-zero)
+
+    async def call(self, method: str, *args):
+        """One of CALLS by name, as the engine socket and the in-process client ask for them."""
+        if method not in self.CALLS:
+            raise ValueError(f"no engine call {method!r}")
+        if method == "adapters":
+            return self.adapter_infos()
+        if method == "metrics":
+            return self.metrics.render()
+        result = getattr(self, method)(*args)
+        return await result if asyncio.iscoroutine(result) else result
 
     def info(self) -> EngineInfo:
         return EngineInfo(self.model_name, str(self.model_path), self.max_model_len, self.vocab_size,
@@ -416,7 +427,7 @@ class EngineCore:
                 self.scheduler.finish(item.seq, FinishReason.ABORT)
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

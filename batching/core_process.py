@@ -46,18 +46,24 @@ def die_with_parent():
 def run_engine_core(config: EngineConfig, address: str, log_level: str = "info", api_processes: int = 1):
     """The process's entry point (multiprocessing, spawn). On a CPU device the model's torch threads leave a core
     to each API process: oversubscribed, the step's threads and the API processes take turns on every core."""
+    from batching.core import resolve_device
     die_with_parent()
-    if not config.device.startswith("cuda") and not (config.device == "auto" and torch.cuda.is_available()):
+    if resolve_device(config.device).type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - api_processes))
     for sig in (signal.SIGINT, signal.SIGTERM):   # the API process that started this one says when to stop
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.setswitchinterval(0.001)
+    run_event_loop(_serve(config, address))
+
+
+def run_event_loop(coro):
+    """coro on uvloop where it is installed, else asyncio's own loop."""
     try:
         import uvloop
-        uvloop.run(_serve(config, address))
+        uvloop.run(coro)
     except ImportError:
-        asyncio.run(_serve(config, address))
+        asyncio.run(coro)
 
 
 async def _serve(config: EngineConfig, address: str):
@@ -146,15 +152,7 @@ class CoreServer:
     async def answer(self, identity: bytes, call: Call):
         reply = Reply(call.call_id)
         try:
-            if call.method not in self.core.CALLS:
-                raise ValueError(f"no engine call {call.method!r}")
-            if call.method == "adapters":
-                reply.result = self.core.adapter_infos()
-            elif call.method == "metrics":
-                reply.result = self.core.metrics.render()
-            else:
-                result = getattr(self.core, call.method)(*call.args)
-                reply.result = await result if asyncio.iscoroutine(result) else result
+            reply.result = await self.core.call(call.method, *call.args)
         except Exception as e:
             if status_of(e) is None and not isinstance(e, (TypeError, ValueError)):
                 log.exception("engine call %s failed", call.method)
@@ -172,7 +170,7 @@ class CoreServer:
             self._send(identity, outs)
 
     def _send(self, identity: bytes, outputs: list[CoreOutput]):
-        self.sock.send_multipart([identity, encoder.encode(StepOutputs(outputs, self.core.num_queued))])
+        self.sock.send_multipart([identity, encoder.encode(StepOutputs(outputs))])
 
 
 def _request_id_of(payload: bytes) -> str | None:

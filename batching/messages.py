@@ -50,7 +50,6 @@ class CoreOutput(msgspec.Struct, array_like=True):
 
 class StepOutputs(msgspec.Struct, tag="step"):
     outputs: list[CoreOutput]
-    num_queued: int             # requests waiting to start, after this step
 
 
 class Reply(msgspec.Struct, tag="reply"):

@@ -4,7 +4,7 @@ import logging
 import os
 import sys
 
-from server.api_server import run_event_loop
+from batching.core_process import run_event_loop
 from server.config import EngineConfig, ServerConfig, add_flags, from_flags
 
 log = logging.getLogger("lmserve")

@@ -29,7 +29,7 @@ def run_api_server(args: ServerConfig, address: str, index: int, log_requests: b
     """Another API process's entry point: HTTP on the shared port, the same engine core; no gRPC."""
     import torch
 
-    from batching.core_process import die_with_parent
+    from batching.core_process import die_with_parent, run_event_loop
     from server.auth import build_access
     from server.mp_engine_client import MultiprocessEngineClient
     die_with_parent()
@@ -173,12 +173,3 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
         raise SystemExit(f"error: could not bind {host}:{port}: {e}") from None
     sock.listen(2048)
     return sock
-
-
-def run_event_loop(coro):
-    """coro on uvloop where it is installed, else asyncio's own loop."""
-    try:
-        import uvloop
-        uvloop.run(coro)
-    except ImportError:
-        asyncio.run(coro)

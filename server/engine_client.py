@@ -10,18 +10,18 @@ import functools
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from batching.limits import check_prompt
 from batching.messages import AdapterInfo, Abort, AddRequest, CoreOutput, EngineInfo
+from batching.sequence import FinishReason
 from server.errors import (EngineDeadError, ModelNotFoundError, RequestFailedError, ShutdownAbortError,
                            ShuttingDownError, error_from_wire)
 from server.metrics import render_process_metrics
 from server.outputs import RequestOutput, StopStringMatcher
 from server.redact import mask_pii
 from server.sampling import InvalidRequestError, SamplingParams
-from batching.sequence import FinishReason
 from server.tokenizer import IncrementalDetokenizer, encode_chat, load_tokenizer
 
 _INLINE_TOKENIZE_CHARS = 4096   # shorter texts are tokenized on the event loop: a thread hop costs more
@@ -43,7 +43,6 @@ class _RequestState:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     last_token: int | None = None
-    prompt_logprobs: list | None = field(default=None)
 
 
 class EngineClient:
@@ -325,14 +324,7 @@ class InProcessEngineClient(EngineClient):
             self.core.abort(request_id, FinishReason(abort.reason))
 
     async def call(self, method: str, *args):
-        if method not in self.core.CALLS:
-            raise ValueError(f"no engine call {method!r}")
-        if method == "adapters":
-            return self.core.adapter_infos()
-        if method == "metrics":
-            return self.core.metrics.render()
-        result = getattr(self.core, method)(*args)
-        return await result if asyncio.iscoroutine(result) else result
+        return await self.core.call(method, *args)
 
     def health(self) -> bool:
         return super().health() and self.core.health()

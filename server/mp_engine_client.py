@@ -52,7 +52,6 @@ class MultiprocessEngineClient(EngineClient):
         self._wire_ids = itertools.count()
         self._wire_prefix = f"{os.getpid():x}-"
         self._call_ids = itertools.count(1)
-        self.num_queued = 0   # requests waiting to start in the core, as of its last message
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._receive(), name="lmserve-engine-receive"),
                        loop.create_task(self._watch(), name="lmserve-engine-watch")]
@@ -122,7 +121,6 @@ class MultiprocessEngineClient(EngineClient):
             while True:
                 msg = from_core_decoder.decode(await self._sock.recv())
                 if isinstance(msg, StepOutputs):
-                    self.num_queued = msg.num_queued
                     self._process(msg.outputs)
                 else:
                     future = self._calls.get(msg.call_id)

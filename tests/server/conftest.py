@@ -21,6 +21,14 @@ from server.http.app import build_app
 MODEL_NAME = "tiny-llama"
 
 
+def metric_sums(text: str) -> dict[str, float]:
+    """Prometheus text: each sample name's values summed over their labels."""
+    found: dict[str, float] = {}
+    for name, value in re.findall(r"^([a-z_]+)(?:\{[^}]*\})? (\S+)$", text, re.M):
+        found[name] = found.get(name, 0.0) + float(value)
+    return found
+
+
 class LiveServer:
     """multiprocess: the engine core in a process of its own (as python -m server runs it), else on the server's
     event loop, where tests can reach into it through engine.core."""
@@ -68,12 +76,7 @@ class LiveServer:
         self.thread.join(timeout=30)
 
     def metrics(self) -> dict[str, float]:
-        """The server's /metrics, each sample's values summed over its labels."""
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        found: dict[str, float] = {}
-        for name, value in re.findall(r"^([a-z_]+)(?:\{[^}]*\})? (\S+)$", text, re.M):
-            found[name] = found.get(name, 0.0) + float(value)
-        return found
+        return metric_sums(httpx.get(self.url + "/metrics", timeout=30).text)
 
     def num_steps(self) -> int:
         """Engine steps so far (the batch-size histogram counts one per step)."""

@@ -4,7 +4,6 @@ that free blocks in the core, a core that dies, and an engine socket that refuse
 import asyncio
 import os
 import pickle
-import re
 import signal
 import time
 
@@ -18,7 +17,7 @@ from server.errors import EngineDeadError, ModelNotFoundError
 from server.mp_engine_client import MultiprocessEngineClient, start_engine_core
 from server.sampling import InvalidRequestError, SamplingParams
 from tests.conftest import collect, random_prompts, run
-from tests.server.conftest import MergedReference
+from tests.server.conftest import MergedReference, metric_sums
 
 GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
@@ -47,7 +46,7 @@ def llama_core(llama, peft_adapters):
 
 def metric(text: bytes, name: str) -> float:
     """The sum of a metric's samples in Prometheus text."""
-    return sum(float(v) for v in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text.decode(), re.M))
+    return metric_sums(text.decode()).get(name, 0.0)
 
 
 async def until_idle(client: MultiprocessEngineClient, timeout: float = 10) -> bytes:

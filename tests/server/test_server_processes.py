@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from bench.processes import start_lmserve
+from tests.server.conftest import metric_sums
 
 
 def descendants(pid: int) -> list[int]:
@@ -58,8 +59,7 @@ def pid_in_log(server, pattern: str) -> int:
 
 
 def finished_total(url: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    return sum(float(v) for v in re.findall(r"^lmserve_requests_finished_total\{[^}]*\} (\S+)$", text, re.M))
+    return metric_sums(httpx.get(url + "/metrics").text)["lmserve_requests_finished_total"]
 
 
 BODY = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True}
