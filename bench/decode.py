@@ -5,7 +5,8 @@ one row per token) and the KV cache of each sequence, so at batch 1 tokens/s can
 memory bandwidth over those bytes. This measures that bandwidth (a large device-to-device copy: bytes read
 plus bytes written over the time), the bytes a step reads, and the tokens/s the engine reaches, request by
 request through `InProcessEngineClient.generate` as a client sees them (Python and launch overhead included), and
-prints the ratio:
+prints the ratio. --peer transformers also times transformers' greedy `generate` on the same weights and shapes
+(its static cache, which makes generate compile the decode step with torch.compile on CUDA: gpt-fast's recipe):
 
     python -m bench.decode --model random:llama-2-7b --dtype float16 --quant int4 --batch 1
 """
@@ -17,10 +18,13 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+import torch
+
 from bench.kernels import copy_bandwidth
 from server.config import EngineConfig
 from server.engine_client import InProcessEngineClient, in_process_engine
 from server.sampling import SamplingParams
+from server.synthetic_model import is_synthetic
 
 
 @dataclass
@@ -86,6 +90,37 @@ async def measure(engine: InProcessEngineClient, batch: int, prompt_tokens: int,
         inter_token_ms_p50=1000 * p50, inter_token_ms_p90=1000 * statistics.quantiles(gaps, n=10)[-1])
 
 
+def transformers_tokens_per_s(model: str, dtype: torch.dtype, device: torch.device, batch: int, prompt_tokens: int,
+                             output_tokens: int, vocab_size: int) -> float:
+    """Per-sequence decode tokens/s of transformers' greedy generate with a static cache, timed as
+    (t(N new tokens) - t(1 new token)) / (N - 1), so the prefill is not counted; best of two runs each."""
+    from transformers import AutoModelForCausalLM
+
+    from server.synthetic_model import hf_model_for
+    if is_synthetic(model):
+        hf = hf_model_for(model, dtype, device)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+    hf.eval()
+    ids = torch.randint(5, vocab_size - 1, (batch, prompt_tokens), device=device, generator=torch.Generator().manual_seed(0)
+                        if device.type == "cpu" else None)
+
+    def run(new_tokens: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        do_sample=False, pad_token_id=0, cache_implementation="static")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(output_tokens), run(1)   # warm-up: compiles the decode step
+    many, one = min(run(output_tokens) for _ in range(2)), min(run(1) for _ in range(2))
+    return (output_tokens - 1) / (many - one)
+
+
 def format_report(r: DecodeReport) -> str:
     return "\n".join([
         f"model {r.model}  device {r.device}  dtype {r.dtype}  quant {r.quant}  kernels {r.kernels}  "
@@ -110,9 +145,16 @@ async def main(args) -> DecodeReport:
     finally:
         await engine.shutdown()
     print(format_report(report))
+    extra = {"percent_of_floor": report.percent_of_floor}
+    if args.peer == "transformers":
+        peer = transformers_tokens_per_s(args.model if is_synthetic(args.model) else str(engine.model_path), engine.core.dtype, engine.core.device, args.batch,
+                                         args.prompt_tokens, args.output_tokens, engine.vocab_size)
+        extra |= {"transformers_tokens_per_s": peer}
+        print(f"transformers generate (static cache): {peer:.1f} tok/s per sequence; lmserve / transformers "
+              f"{report.tokens_per_s / peer:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(asdict(report) | {"percent_of_floor": report.percent_of_floor}, f, indent=2)
+            json.dump(asdict(report) | extra, f, indent=2)
     return report
 
 
@@ -127,6 +169,7 @@ def parse_args(argv=None):
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, as python -m server --enforce-eager")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peer", choices=["transformers"], default=None, help="also time this peer on the same weights")
     p.add_argument("--json", default=None, help="also write the report here")
     return p.parse_args(argv)
 

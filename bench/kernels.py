@@ -17,6 +17,8 @@ import torch.nn.functional as F
 DATASHEET = {"H100 80GB HBM3": (3.35, 989), "H100": (3.35, 989), "H200": (4.8, 989), "A100": (2.0, 312)}
 LINEAR_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]   # (K, N) of Llama-2-7B projections
 M_VALUES = [1, 8, 32, 128, 512]
+# paged_attention's defaults beside the choices they replaced: keys per loop step, and the context split.
+ATTENTION_VARIANTS = {"default": {}, "tile 16": dict(keys_per_tile=16), "no split": dict(min_programs=1)}
 
 
 def timer(fn, device, graph: bool = True) -> float:
@@ -101,15 +103,18 @@ def bench_attention(device, configs, bandwidth, rows):
     for batch, context, heads, kv_heads in configs:
         head_dim = 128
         q, k, v, cache, meta = paged_batch(device, batch, context, heads, kv_heads, head_dim)
-        t = timer(lambda: paged_attention(q, k, v, cache[0], cache[1], meta, head_dim ** -0.5, None), device)
         # SDPA on contiguous K/V of the same length: what a non-paged server would run.
         qs = q[:, :, None]
         ks = torch.randn(batch, kv_heads, context + 1, head_dim, device=device, dtype=torch.float16)
         sdpa = timer(lambda: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=heads != kv_heads), device)
         nbytes = 2 * batch * (context + 1) * kv_heads * head_dim * 2
-        rows.append(dict(op="paged decode attention", shape=f"B={batch} ctx={context} H={heads}/{kv_heads}",
-                         ms=t * 1e3, gbps=nbytes / t / 1e9, tflops=4 * batch * heads * (context + 1) * head_dim / t / 1e12,
-                         vs_torch=sdpa / t, floor=nbytes / bandwidth / t))
+        for variant, options in ATTENTION_VARIANTS.items():
+            t = timer(lambda: paged_attention(q, k, v, cache[0], cache[1], meta, head_dim ** -0.5, None, **options),
+                      device)
+            rows.append(dict(op=f"paged attention {variant}", shape=f"B={batch} ctx={context} H={heads}/{kv_heads}",
+                             ms=t * 1e3, gbps=nbytes / t / 1e9,
+                             tflops=4 * batch * heads * (context + 1) * head_dim / t / 1e12, vs_torch=sdpa / t,
+                             floor=nbytes / bandwidth / t))
 
 
 def bench_elementwise(device, tokens_list, hidden, bandwidth, rows):
