@@ -8,9 +8,9 @@ GPTQ (as auto-gptq writes it), bits 4 or 8, pack = 32 // bits values per int32, 
 Both accumulate in float32. M = 1 (batch-1 decode) takes a GEMV kernel. 2 <= M <= 8 (small decode
 batches) takes the tl.dot kernel with one 16-row tile holding every row of x, split along K, so each weight
 is read and dequantized once for all rows; larger M the same kernel tiled over M, unsplit. Autotune keys
-round M up to a power of two, so a batch that grows by one does not retune. For M <= 8 the autotuner also
-chooses how GPTQ words are unpacked: element by element (a gather that reads each word PACK times) or word
-by word (each loaded once and shifted PACK times against x's every PACK-th input channel).
+round M up to a power of two, so a batch that grows by one does not retune. The M = 1 GPTQ GEMV unpacks
+word by word (each word loaded once and shifted PACK times against x's every PACK-th input channel); for
+2 <= M <= 8 the autotuner chooses between that and an element gather (which reads each word PACK times).
 
 Plain grouping (g_idx[k] == k // group_size) is the fast path: the caller passes group_size and the kernels
 compute groups instead of gathering them, and the GEMV reads each packed word's scale and zero once, storing
@@ -185,20 +185,18 @@ def _direct_configs(split: bool):
     # A config that splits K zeroes y itself (pre_hook: also inside the autotuner's timing, so a split is
     # charged for its zeroing launch), and y need not be zeroed when the unsplit config wins.
     if _INTERPRET:
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if split else 1} |
-                              ({"UNPACK_WORDS": True} if split else {}), pre_hook=_zero_y if split else None)]
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 2 if split else 1},
+                              pre_hook=_zero_y if split else None)]
     # Deep tiles, or a split along K, keep enough bytes in flight for a GEMV to reach memory bandwidth.
     if not split:   # int8: measured on an H100, the deep unsplit tiles beat any split (no zeroing launch)
         return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=nw)
                 for bn, bk, nw in [(8, 1024, 4), (16, 512, 4), (16, 1024, 4), (32, 256, 4), (32, 512, 4),
                                    (32, 1024, 8), (64, 256, 8), (16, 256, 2), (8, 512, 2)]]
-    # GPTQ: both ways of unpacking (see _gemv_gptq_kernel) are offered, and the autotuner times them.
-    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "UNPACK_WORDS": words}, num_warps=nw,
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=nw,
                           pre_hook=_zero_y if sk > 1 else None)
             for bn, bk, sk, nw in [(32, 128, 1, 4), (64, 128, 2, 4), (32, 128, 4, 4), (64, 128, 4, 4),
                                    (128, 128, 4, 8), (64, 64, 8, 4), (32, 256, 4, 4), (64, 256, 2, 8),
-                                   (16, 512, 4, 4), (8, 1024, 4, 4), (32, 512, 2, 4), (32, 1024, 1, 8)]
-            for words in (False, True)]
+                                   (16, 512, 4, 4), (8, 1024, 4, 4), (32, 512, 2, 4), (32, 1024, 1, 8)]]
 
 
 @triton.jit
@@ -234,38 +232,29 @@ def _gemv_int8_kernel(x_ptr, y_ptr, w_ptr, s_ptr, M, N, K, M_BUCKET,
 @triton.jit
 def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
                       BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, UNPACK_WORDS: tl.constexpr):
-    # Plain grouping. UNPACK_WORDS: load each packed word once, as a [BLOCK_K / PACK, BLOCK_N] tile, and take
-    # its PACK values out with PACK shifts, each against x's every PACK-th element. Otherwise the [BLOCK_K,
-    # BLOCK_N] tile is gathered element by element (each word PACK times, from cache after the first).
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    # Plain grouping. Each packed word is loaded once, as a [BLOCK_K / PACK, BLOCK_N] tile, and its PACK values
+    # come out with PACK shifts, each against x's every PACK-th element. (Gathering the [BLOCK_K, BLOCK_N] tile
+    # element by element, each word PACK times, was offered beside this to the autotuner and never chosen on an
+    # H200: bench/RESULTS.md, 2026-11-29 night.)
     m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    if UNPACK_WORDS:
-        PACK: tl.constexpr = 32 // BITS
-        MAXQ: tl.constexpr = (1 << BITS) - 1
-        WORDS: tl.constexpr = BLOCK_K // PACK
-        acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-            rows, r_mask, words, scale, zero = _word_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, N, K, BITS,
-                                                          ZERO_OFFSET, GROUP_SIZE, BLOCK_K)
-            # sum_j x_j * s * (q_j - z) = s * (sum_j x_j * q_j - z * sum_j x_j), per word
-            xq = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-            xsum = tl.zeros((WORDS,), dtype=tl.float32)
-            for j in tl.static_range(PACK):
-                x = tl.load(x_ptr + m * K + rows * PACK + j, mask=r_mask, other=0.0).to(tl.float32)
-                xq += x[:, None] * ((words >> (j * BITS)) & MAXQ).to(tl.float32)
-                xsum += x
-            acc += scale * (xq - zero * xsum[:, None])
-    else:
-        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m * K + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-            # g_ptr is never read with GROUP_SIZE > 0
-            w = _weight_tile(w_ptr, s_ptr, z_ptr, s_ptr, k0, offs_k, offs_n, N, K, True, BITS, ZERO_OFFSET,
-                             GROUP_SIZE, BLOCK_K)
-            acc += x[:, None] * w
+    PACK: tl.constexpr = 32 // BITS
+    MAXQ: tl.constexpr = (1 << BITS) - 1
+    WORDS: tl.constexpr = BLOCK_K // PACK
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        rows, r_mask, words, scale, zero = _word_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, n_mask, N, K, BITS,
+                                                      ZERO_OFFSET, GROUP_SIZE, BLOCK_K)
+        # sum_j x_j * s * (q_j - z) = s * (sum_j x_j * q_j - z * sum_j x_j), per word
+        xq = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        xsum = tl.zeros((WORDS,), dtype=tl.float32)
+        for j in tl.static_range(PACK):
+            x = tl.load(x_ptr + m * K + rows * PACK + j, mask=r_mask, other=0.0).to(tl.float32)
+            xq += x[:, None] * ((words >> (j * BITS)) & MAXQ).to(tl.float32)
+            xsum += x
+        acc += scale * (xq - zero * xsum[:, None])
     _store_or_add(y_ptr + m * N, offs_n, n_mask, tl.sum(acc, axis=0), SPLIT_K)
 
 

@@ -109,12 +109,13 @@ def test_a_padded_replay_equals_the_eager_forward_and_writes_only_its_rows(llama
     for cache in caches:
         cache[:, :pad].normal_()
     before = [cache.clone() for cache in caches]
-    tables = torch.tensor([[3, 4, 5], [7, 8, pad], [10, pad, pad]])
-    positions = torch.tensor([[40], [17], [9]])
-    slots = tables[torch.arange(3), positions[:, 0] // 16] * 16 + positions[:, 0] % 16
-    ids = torch.tensor([11, 12, 13])
+    device = engine.core.device
+    tables = torch.tensor([[3, 4, 5], [7, 8, pad], [10, pad, pad]], device=device)
+    positions = torch.tensor([[40], [17], [9]], device=device)
+    slots = tables[torch.arange(3, device=device), positions[:, 0] // 16] * 16 + positions[:, 0] % 16
+    ids = torch.tensor([11, 12, 13], device=device)
     meta = AttentionMetadata(slots, [AttentionGroup(slice(0, 3), tables, positions)])
-    batch = PreparedBatch(ids, positions.view(-1), meta, torch.arange(3), [], [], [], None)
+    batch = PreparedBatch(ids, positions.view(-1), meta, torch.arange(3, device=device), [], [], [], None)
     assert graphs.serves(batch)
     with torch.inference_mode():
         hidden = graphs.run(batch).clone()
@@ -158,5 +159,5 @@ def test_on_a_gpu_graph_decoding_equals_eager_decoding(llama):
             return await asyncio.gather(*(collect(engine, p, params) for p in prompts))
         return engine, [tokens for tokens, _, _ in run(main())]
     graphed, with_graphs = decode()
-    assert graphed.runner.decode_graphs is not None, "capture failed or differed from eager: see the log"
+    assert graphed.core.runner.decode_graphs is not None, "capture failed or differed from eager: see the log"
     assert with_graphs == decode(enforce_eager=True)[1]
