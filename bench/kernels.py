@@ -105,8 +105,8 @@ def bench_attention(device, configs, bandwidth, rows):
         q, k, v, cache, meta = paged_batch(device, batch, context, heads, kv_heads, head_dim)
         # SDPA on contiguous K/V of the same length: what a non-paged server would run.
         qs = q[:, :, None]
-        ks = torch.randn(batch, kv_heads, context + 1, head_dim, device=device, dtype=torch.float16)
-        sdpa = timer(lambda: F.scaled_dot_product_attention(qs, ks, ks, enable_gqa=heads != kv_heads), device)
+        ks, vs = (torch.randn(batch, kv_heads, context + 1, head_dim, device=device, dtype=torch.float16) for _ in range(2))
+        sdpa = timer(lambda: F.scaled_dot_product_attention(qs, ks, vs, enable_gqa=heads != kv_heads), device)
         nbytes = 2 * batch * (context + 1) * kv_heads * head_dim * 2
         for variant, options in ATTENTION_VARIANTS.items():
             t = timer(lambda: paged_attention(q, k, v, cache[0], cache[1], meta, head_dim ** -0.5, None, **options),
