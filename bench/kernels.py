@@ -179,7 +179,7 @@ def main(argv=None):
         lora_t, lora_ranks = [1, 8, 32, 128, 512], [16, 64]
     if args.m:
         m_values = [int(v) for v in args.m.split(",")]
-    # Timed plainly: a graph-replayed 1 GiB copy read 2.7 TB/s on an H200 that copies at 4.2 TB/s (RESULTS.md).
+    # Timed plainly: a copy replayed from a CUDA graph reads well under the device's real copy bandwidth.
     bandwidth = copy_bandwidth(device, 2**30 if device.type == "cuda" else 2**24, graph=False)
     sheet = datasheet(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"

@@ -234,9 +234,7 @@ def _gemv_gptq_kernel(x_ptr, y_ptr, w_ptr, s_ptr, z_ptr, M, N, K, M_BUCKET,
                       BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr, GROUP_SIZE: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     # Plain grouping. Each packed word is loaded once, as a [BLOCK_K / PACK, BLOCK_N] tile, and its PACK values
-    # come out with PACK shifts, each against x's every PACK-th element. (Gathering the [BLOCK_K, BLOCK_N] tile
-    # element by element, each word PACK times, was offered beside this to the autotuner and never chosen on an
-    # H200: bench/RESULTS.md, 2026-11-29 night.)
+    # come out with PACK shifts, each against x's every PACK-th element.
     m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
