@@ -32,6 +32,7 @@ from server.metrics import EngineMetrics
 from server.model_runner import ModelRunner
 from server.model_source import resolve_model
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
+from server.structured_output import GrammarCompiler
 from batching.sequence import FinishReason, Sequence, SequenceStatus
 from server.tokenizer import eos_token_ids, load_tokenizer
 
@@ -51,7 +52,8 @@ class EngineCore:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.dtype = _resolve_dtype(config.dtype, self.device, hf_config)
-        self.eos_token_ids = eos_token_ids(self.model_path, hf_config, load_tokenizer(self.model_path))
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.eos_token_ids = eos_token_ids(self.model_path, hf_config, self.tokenizer)
         self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
         if self.max_model_len > hf_config.max_position_embeddings:
             raise ValueError(f"max_model_len must be at most the model's max_position_embeddings "
@@ -99,6 +101,7 @@ class EngineCore:
             self.runner.decode_graphs = build_decode_graphs(self.model, kv_caches, config.max_batch_size,
                                                             self.max_model_len, config.block_size,
                                                             self.runner.pad_block)
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.metrics = EngineMetrics(self.model_name, self._metrics_state)
         self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
         self.sink = sink or (lambda outputs: None)
@@ -144,7 +147,9 @@ class EngineCore:
         self.check_capacity()
         seq.lora = lora
         self._seqs[seq.request_id] = seq
-        if lora is None:
+        if req.params.structured_output is not None:
+            asyncio.get_running_loop().create_task(self._admit_with_grammar(seq, lora))
+        elif lora is None:
             self._admit(seq)
         else:
             asyncio.get_running_loop().create_task(self._admit_with_adapter(seq, lora))
@@ -152,6 +157,23 @@ class EngineCore:
     def _admit(self, seq: Sequence):
         self.batcher.add(seq)
         self._wake.set()
+
+    async def _admit_with_grammar(self, seq: Sequence, lora: LoRAAdapter | None):
+        """The request waits for its grammar (compiled on a worker thread, or cached) while others run."""
+        try:
+            grammar = await self.grammars.matcher(seq.params.structured_output)
+        except Exception as e:
+            if self._seqs.get(seq.request_id) is seq:
+                self._end_early(seq.request_id, e if isinstance(e, InvalidRequestError) else RequestFailedError(
+                    f"request {seq.request_id} failed: its grammar could not be compiled: {e}"))
+            return
+        if self._seqs.get(seq.request_id) is not seq:   # aborted while it waited
+            return
+        seq.grammar = grammar
+        if lora is None:
+            self._admit(seq)
+        else:
+            await self._admit_with_adapter(seq, lora)
 
     async def _admit_with_adapter(self, seq: Sequence, lora: LoRAAdapter):
         await self.lora_pool.acquire(lora)   # waits while every slot serves other adapters' requests
@@ -304,6 +326,7 @@ class EngineCore:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+        self.grammars.shutdown()
 
     # --- the step loop -------------------------------------------------------------------------
     def _ensure_started(self):

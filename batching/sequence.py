@@ -40,6 +40,8 @@ class Sequence:
     last_token_time: float | None = None
     prompt_logprobs: list = field(default_factory=list)  # for prompt tokens 1.., when params.prompt_logprobs is set
     lora: object | None = None          # the LoRAAdapter it runs with (server/lora.py); None: the base model
+    grammar: object | None = None       # its structured-output matcher (server/structured_output.py): advanced
+                                        # by each sampled token, so it survives preemption with the tokens
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

@@ -5,6 +5,7 @@ or adapter. A cancelled call or an expired deadline cancels the handler, which c
 and so aborts the request. Also serves grpc.health.v1 and server reflection.
 """
 import dataclasses
+import json
 import uuid
 
 import grpc
@@ -19,7 +20,7 @@ from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
 from server.lora import LoRAError
 from server.outputs import RequestOutput
-from server.sampling import InvalidRequestError, SamplingParams
+from server.sampling import InvalidRequestError, SamplingParams, StructuredOutput
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -86,7 +87,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is required: set text or token_ids")
         prompt = request.text if which == "text" else list(request.token_ids.ids)
         try:
-            stream = self.engine.generate(prompt, _sampling_params(request.sampling),
+            params = _sampling_params(request.sampling)
+            params.structured_output = _structured_output(request)
+            stream = self.engine.generate(prompt, params,
                                           request.request_id or f"grpc-{uuid.uuid4().hex}", adapter,
                                           request.parse_special_tokens)
             out = await anext(stream)
@@ -135,6 +138,20 @@ def _sampling_params(s) -> SamplingParams:
     return SamplingParams(stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), min_tokens=s.min_tokens,
                           ignore_eos=s.ignore_eos, logit_bias=dict(s.logit_bias),
                           include_stop_str_in_output=s.include_stop_str_in_output, **kwargs)
+
+
+def _structured_output(request) -> StructuredOutput | None:
+    which = request.WhichOneof("structured_output")
+    if which is None:
+        return None
+    if which == "json_object":
+        if not request.json_object:
+            raise InvalidRequestError("json_object must be true when set", "json_object")
+        return StructuredOutput("json", '{"type": "object"}', "json_object")
+    if which == "choice":
+        return StructuredOutput("choice", json.dumps(list(request.choice.choices)), "choice")
+    return StructuredOutput({"json_schema": "json", "regex": "regex", "grammar": "grammar"}[which],
+                            getattr(request, which), which)
 
 
 def _logprobs(out: RequestOutput) -> list:

@@ -77,7 +77,7 @@ class ModelRunner:
             groups.append(self._group(slice(offset, offset + n * len(run)), [s.seq for s in run], queries))
             offset += n * len(run)
         # The loop appends to token_ids only after run() returns, so the worker may read them in place.
-        rows = [SamplerRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens, self.eos_token_ids)
+        rows = [SamplerRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens, self.eos_token_ids, s.grammar)
                 for s in sample_seqs]
         return PreparedBatch(
             input_ids=self._tensor(input_ids), positions=self._tensor(positions),
@@ -112,6 +112,7 @@ class ModelRunner:
         if batch.sample_seqs:
             logits = self.model.compute_logits(hidden[batch.sample_indices])
             sampled, failed = sample_isolating_failures(logits, batch.sample_seqs, batch.sampler_rows)
+            advance_grammars(sampled, failed)
         prompt_logprobs = {
             seq: token_logprobs(self.model.compute_logits(hidden[rows]), targets,
                                 [seq.params.prompt_logprobs] * len(targets))
@@ -139,3 +140,12 @@ def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: 
             sampled.pop(seq, None)
             failed[seq] = "the model's logits are NaN or infinite"
     return sampled, failed
+
+
+def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequence, str]):
+    """Each sampled token moves its sequence's grammar on; a token the grammar refuses fails that sequence."""
+    for seq in [s for s in sampled if s.grammar is not None]:
+        token = sampled[seq].token_id
+        if not seq.grammar.consume_token(token):
+            del sampled[seq]
+            failed[seq] = f"the grammar refused token {token}: {seq.grammar.get_error()[:300]}"

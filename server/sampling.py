@@ -13,6 +13,8 @@ MAX_STOP_STRINGS = 16          # stop strings per request
 MAX_STOP_STRING_CHARS = 256    # characters in one stop string
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300           # token ids in logit_bias, as OpenAI allows
+MAX_GRAMMAR_CHARS = 256 * 1024  # a structured-output spec's text (a JSON schema, regex, choice list or grammar)
+GRAMMAR_KINDS = ("json", "regex", "choice", "grammar")
 _GREEDY_EPS = 1e-5
 
 
@@ -22,6 +24,26 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+@dataclass
+class StructuredOutput:
+    """A grammar the output must follow: kind "json" (spec: a JSON schema's text; '{"type": "object"}' for any
+    object), "regex", "choice" (spec: a JSON list of strings) or "grammar" (a Lark grammar, or llama.cpp's GBNF).
+    field names the request field it came from, in error messages."""
+    kind: str
+    spec: str
+    field: str = "structured_output"
+
+    def __post_init__(self):
+        _check(isinstance(self.field, str) and 0 < len(self.field) <= 64, "structured_output",
+               "structured_output.field must be a short string")
+        _check(self.kind in GRAMMAR_KINDS, self.field,
+               f"{self.field}: the kind must be one of {', '.join(GRAMMAR_KINDS)}; got {str(self.kind)[:40]!r}")
+        _check(isinstance(self.spec, str) and self.spec.strip() != "", self.field,
+               f"{self.field} must be a non-empty string")
+        _check(len(self.spec) <= MAX_GRAMMAR_CHARS, self.field,
+               f"{self.field} is {len(self.spec)} characters; at most {MAX_GRAMMAR_CHARS} are allowed")
 
 
 @dataclass
@@ -44,8 +66,16 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token (such requests skip the prefix cache)
     logit_bias: dict[int, float] = field(default_factory=dict)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None   # the grammar every output token must follow
 
     def __post_init__(self):
+        if isinstance(self.structured_output, dict):
+            fields = {"kind", "spec", "field"}
+            _check(set(self.structured_output) <= fields, "structured_output",
+                   f"structured_output takes {', '.join(sorted(fields))}")
+            self.structured_output = StructuredOutput(**self.structured_output)
+        _check(isinstance(self.structured_output, (StructuredOutput, type(None))), "structured_output",
+               "structured_output must be an object with kind and spec")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         _check(isinstance(self.stop, (list, tuple, type(None))), "stop", "stop must be a string or a list of strings")
@@ -135,6 +165,7 @@ class SamplerRow:
     token_ids: list[int]                # prompt + output
     num_prompt_tokens: int
     eos_token_ids: tuple[int, ...]
+    grammar: object | None = None       # its llguidance matcher (server/structured_output.py), if it has one
 
     @property
     def num_output_tokens(self) -> int:
@@ -156,6 +187,10 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
     # logits: [B, V] float32, one row per entry of rows
     raw_logits = logits
     logits = _apply_penalties_and_bias(logits.clone(), rows)
+    constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
+    if constrained:
+        from server.structured_output import apply_grammar_masks
+        apply_grammar_masks(logits, constrained, [rows[i].grammar for i in constrained])
     token_ids = logits.argmax(dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:

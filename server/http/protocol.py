@@ -2,11 +2,12 @@
 
 Every mistake raises ApiError naming the field and what is allowed; nothing here calls the engine.
 """
+import json
 from dataclasses import dataclass
 
 from server.config import DEFAULT_MAX_CHOICES  # noqa: F401 (the routes' default, --max-choices-per-request)
 from server.errors import ModelNotFoundError, status_of
-from server.sampling import InvalidRequestError, SamplingParams
+from server.sampling import InvalidRequestError, SamplingParams, StructuredOutput
 
 MAX_N = 16
 RATE_CHARGE = "lmserve.rate_charge"   # scope key: takes more turns of the caller's rate limit, or raises its 429
@@ -155,7 +156,91 @@ def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> 
             min_tokens=optional_field(body, "min_tokens", int, default=0), ignore_eos=optional_field(body, "ignore_eos", bool, default=False),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=body.get("logit_bias"),
             include_stop_str_in_output=optional_field(body, "include_stop_str_in_output", bool, default=False),
-            skip_special_tokens=optional_field(body, "skip_special_tokens", bool, default=True))
+            skip_special_tokens=optional_field(body, "skip_special_tokens", bool, default=True),
+            structured_output=structured_output(body))
+    except InvalidRequestError as e:
+        raise ApiError(400, str(e), e.param) from None
+
+
+_STRUCTURED_KINDS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar"}   # vLLM's older names
+
+
+def structured_output(body: dict) -> StructuredOutput | None:
+    """The grammar a request asks for: OpenAI's response_format, or vLLM's structured_outputs / guided_* fields
+    (one of them at most)."""
+    found = []
+    fmt = body.get("response_format")
+    if fmt is not None:
+        found.append(_response_format(fmt))
+    options = body.get("structured_outputs")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ApiError(400, "structured_outputs must be an object with one of json, regex, choice, grammar or "
+                                "json_object", "structured_outputs")
+        unknown = sorted(set(options) - set(_STRUCTURED_KINDS) - {"json_object"})
+        if unknown:
+            raise ApiError(400, f"structured_outputs.{unknown[0][:40]} is not supported; use one of json, regex, "
+                                "choice, grammar or json_object", f"structured_outputs.{unknown[0][:40]}")
+        given = [k for k, v in options.items() if v is not None and v is not False]
+        if len(given) != 1:
+            raise ApiError(400, "structured_outputs takes exactly one of json, regex, choice, grammar or json_object; "
+                                f"got {len(given)}", "structured_outputs")
+        key = given[0]
+        if key == "json_object":
+            if options[key] is not True:
+                raise ApiError(400, "structured_outputs.json_object must be true", "structured_outputs.json_object")
+            found.append(StructuredOutput("json", '{"type": "object"}', "structured_outputs.json_object"))
+        else:
+            found.append(_spec(_STRUCTURED_KINDS[key], options[key], f"structured_outputs.{key}"))
+    for name, kind in _GUIDED_FIELDS.items():
+        if body.get(name) is not None:
+            found.append(_spec(kind, body[name], name))
+    if len(found) > 1:
+        raise ApiError(400, f"{found[0].field} and {found[1].field} both constrain the output; send one of them",
+                       found[1].field)
+    return found[0] if found else None
+
+
+def _response_format(fmt) -> StructuredOutput | None:
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput("json", '{"type": "object"}', "response_format")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(400, "response_format.json_schema must be an object with name and schema",
+                           "response_format.json_schema")
+        if not isinstance(spec.get("name", ""), str) or not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise ApiError(400, "response_format.json_schema.name must be a string and strict a boolean",
+                           "response_format.json_schema")
+        schema = spec.get("schema", {"type": "object"})
+        if not isinstance(schema, dict):
+            raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
+                           "response_format.json_schema.schema")
+        return _spec("json", schema, "response_format.json_schema.schema")
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", "response_format.type")
+
+
+def _spec(kind: str, value, field: str) -> StructuredOutput:
+    """value as the request gave it: a JSON schema as an object (or its text), a choice list, a regex or grammar."""
+    if kind == "json" and isinstance(value, (dict, bool)):
+        try:
+            value = json.dumps(value, sort_keys=True)
+        except (ValueError, RecursionError):
+            raise ApiError(400, f"{field} is nested too deeply", field) from None
+    elif kind == "choice" and isinstance(value, list):
+        if not value or not all(isinstance(c, str) and c for c in value):
+            raise ApiError(400, f"{field} must be a non-empty list of non-empty strings", field)
+        value = json.dumps(value)
+    elif not isinstance(value, str):
+        what = {"json": "a JSON schema object", "choice": "a list of strings"}.get(kind, "a string")
+        raise ApiError(400, f"{field} must be {what}", field)
+    try:
+        return StructuredOutput(kind, value, field)
     except InvalidRequestError as e:
         raise ApiError(400, str(e), e.param) from None
 
