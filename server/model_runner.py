@@ -148,4 +148,4 @@ def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequenc
         token = sampled[seq].token_id
         if not seq.grammar.consume_token(token):
             del sampled[seq]
-            failed[seq] = f"the grammar refused token {token}: {seq.grammar.get_error()[:300]}"
+            failed[seq] = f"the grammar refused token {token}: {seq.grammar.get_error().splitlines()[0][:300]}"
