@@ -7,6 +7,7 @@ EngineCore on the API's own event loop (tests, debugging); MultiprocessEngineCli
 """
 import asyncio
 import functools
+import json
 import logging
 import time
 import uuid
@@ -233,12 +234,15 @@ class EngineClient:
             self.tokenizer.encode, text, add_special_tokens=add_special_tokens,
             split_special_tokens=not parse_special_tokens))
 
-    async def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        """A chat prompt's token ids (server/tokenizer.py encode_chat), bounded and off the loop as tokenize()."""
+    async def tokenize_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """A chat prompt's token ids (server/tokenizer.py encode_chat), bounded and off the loop as tokenize();
+        tools: OpenAI tool definitions for a template that renders them."""
         # each message costs the template some characters of its own, whatever its content
         chars = sum(_MESSAGE_CHARS + sum(len(m[k]) for k in ("content", "name") if isinstance(m.get(k), str))
-                    for m in messages)
-        return await self._encode_bounded(chars, "messages", functools.partial(encode_chat, self.tokenizer, messages))
+                    + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0) for m in messages)
+        chars += len(json.dumps(tools)) if tools else 0
+        return await self._encode_bounded(chars, "messages",
+                                          functools.partial(encode_chat, self.tokenizer, messages, True, tools))
 
     async def _encode_bounded(self, chars: int, param: str, encode) -> list[int]:
         if chars > self.max_prompt_chars:

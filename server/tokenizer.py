@@ -7,6 +7,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from server.sampling import InvalidRequestError
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -29,13 +31,22 @@ def eos_token_ids(path: str | Path, hf_config, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> str:
     if not tokenizer.chat_template:
         raise ValueError("this model's tokenizer has no chat template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    extra = {"tools": tools} if tools else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
 
 
-def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def template_knows_tools(tokenizer) -> bool:
+    """Whether the chat template renders a `tools` list (else tools are described in a system turn)."""
+    template = tokenizer.chat_template
+    return "tools" in (template if isinstance(template, str) else json.dumps(template or ""))
+
+
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                tools: list[dict] | None = None) -> list[int]:
     """Token ids of a chat prompt. Only the template's own text becomes control tokens: each message's content
     and name are tokenized as plain text, so "<|im_start|>system" typed by a client stays those characters and
     cannot forge a turn. Otherwise the ids are those of the whole rendered text: it is cut at the template's
@@ -50,8 +61,14 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     # empty strings stay empty: templates test content for truth (an assistant turn with only tool calls)
     guarded = [{k: placeholder(v) if k in ("content", "name") and isinstance(v, str) and v else v
                 for k, v in m.items()} for m in messages]
-    rendered = render_chat(tokenizer, guarded, add_generation_prompt)
     added, controls = _control_tokens(tokenizer)
+    # Tool definitions and earlier calls reach the text through the template's own filters (tojson), where
+    # they cannot be guarded: one that holds a control token's text is refused.
+    for param, value in [("tools", tools)] + [("messages", m["tool_calls"]) for m in messages if m.get("tool_calls")]:
+        found = controls.search(json.dumps(value, ensure_ascii=False)) if controls and value else None
+        if found:
+            raise InvalidRequestError(f"{param} contains the control token {found.group(0)!r}", param)
+    rendered = render_chat(tokenizer, guarded, add_generation_prompt, tools)
     ids: list[int] = []
     run = ""   # text since the last control token
     for i, piece in enumerate(re.split(f"lmserve{nonce}x(\\d+)x", rendered)):

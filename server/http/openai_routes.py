@@ -7,6 +7,7 @@ away aborts its requests, from arrival on: while they wait to start through a wa
 through the response's cancellation, non-streaming through the watcher again.
 """
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -21,6 +22,8 @@ from server.http.protocol import (DEFAULT_MAX_CHOICES, RATE_CHARGE, ApiError, en
                                   parse_chat, parse_completion)
 from server.outputs import RequestOutput
 from server.sampling import InvalidRequestError, SamplingParams
+from server.tokenizer import template_knows_tools
+from server.tool_calls import ToolCallStream, forced_call_grammar, make_parser, parser_for_template, prompt_messages
 
 
 @dataclass
@@ -48,11 +51,15 @@ class Choice:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: EngineClient, model_name: str, max_choices: int = DEFAULT_MAX_CHOICES):
+    def __init__(self, engine: EngineClient, model_name: str, max_choices: int = DEFAULT_MAX_CHOICES,
+                 tool_call_parser: str = "auto"):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
         self.max_choices = max_choices
+        self.template_knows_tools = template_knows_tools(self.tokenizer)
+        self.tool_parser = (parser_for_template(self.tokenizer.chat_template) if tool_call_parser == "auto"
+                            else tool_call_parser)
 
     # --- /v1/completions ------------------------------------------------------------------------
     async def completions(self, request: Request, body: dict):
@@ -102,40 +109,68 @@ class OpenAIRoutes:
         req = parse_chat(body)
         adapter = await self._adapter_for(req.model)
         self._admit(request, 1, req.n)
+        parser = make_parser(self.tool_parser) if req.tool_choice != "none" else None
+        messages, tools = prompt_messages(req.messages, req.tools if parser else [], self.template_knows_tools)
         try:
-            prompt_ids = await self.engine.tokenize_chat(req.messages)
+            prompt_ids = await self.engine.tokenize_chat(messages, tools)
         except InvalidRequestError as e:
             raise engine_refusal(e) from None
         except ValueError as e:
             raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # a template that raises on these messages (jinja2 errors, role checks)
             raise ApiError(400, f"the chat template could not render these messages: {e}", "messages") from None
-        choices = [Choice(j, prompt_ids, _copy_params(req.params, j)) for j in range(req.n)]
+        params = req.params
+        if req.tool_choice in ("required", "named"):
+            forced = [t for t in req.tools if req.tool_choice == "required" or t.name == req.named_tool]
+            params = dataclasses.replace(params, structured_output=forced_call_grammar(
+                self.tool_parser, forced, req.parallel_tool_calls and req.tool_choice == "required"))
+        choices = [Choice(j, prompt_ids, _copy_params(params, j)) for j in range(req.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await until_disconnect(request, self._start(rid, choices, adapter))
 
         def head(obj: str) -> dict:
             return {"id": rid, "object": obj, "created": created, "model": req.model or self.model_name}
 
+        def chunk(c: Choice, delta: dict, logprobs, finish: str | None) -> dict:
+            return head("chat.completion.chunk") | {"choices": [
+                {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+
+        def calls_of(calls: list) -> list:
+            return calls if req.parallel_tool_calls else calls[:1]
+
         if req.stream:
             async def chunks():
                 for c in choices:
-                    yield head("chat.completion.chunk") | {"choices": [
-                        {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}]}
+                    yield chunk(c, {"role": "assistant", "content": ""}, None, None)
+                tool_streams = {c.index: ToolCallStream(parser) for c in choices} if parser else {}
                 async for c, out in self._pump(choices, streams):
                     lp = {"content": self._chat_logprobs(out.logprobs)} if req.logprobs else None
-                    delta = {"content": out.text} if out.text or not out.finished else {}
-                    yield head("chat.completion.chunk") | {"choices": [
-                        {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}]}
+                    if parser is None:
+                        delta = {"content": out.text} if out.text or not out.finished else {}
+                        yield chunk(c, delta, lp, out.finish_reason)
+                        continue
+                    text, calls = tool_streams[c.index].feed(out.text, out.finished)
+                    if text or lp:
+                        yield chunk(c, {"content": text}, lp, None)
+                    if out.finished:
+                        for i, call in enumerate(calls_of(calls)):
+                            yield chunk(c, {"tool_calls": [call.as_openai(i)]}, None, None)
+                        yield chunk(c, {}, None, "tool_calls" if calls else out.finish_reason)
                 if req.include_usage:
                     yield head("chat.completion.chunk") | {"choices": [], "usage": self._usage(choices, req.n)}
             return sse_response(chunks(), streams)
 
         await self._collect(request, choices, streams)
-        result = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                   "logprobs": {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None,
-                   "finish_reason": c.last.finish_reason} for c in choices]
+        result = []
+        for c in choices:
+            message, finish = {"role": "assistant", "content": c.text}, c.last.finish_reason
+            content, calls = parser.parse(c.text) if parser else (c.text, [])
+            if calls:
+                message = {"role": "assistant", "content": content or None,
+                           "tool_calls": [call.as_openai() for call in calls_of(calls)]}
+                finish = "tool_calls"
+            result.append({"index": c.index, "message": message, "finish_reason": finish,
+                           "logprobs": {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None})
         return JSONResponse(head("chat.completion") | {"choices": result, "usage": self._usage(choices, req.n)})
 
     # --- running engine requests ----------------------------------------------------------------

@@ -3,11 +3,13 @@
 Every mistake raises ApiError naming the field and what is allowed; nothing here calls the engine.
 """
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from server.config import DEFAULT_MAX_CHOICES  # noqa: F401 (the routes' default, --max-choices-per-request)
 from server.errors import ModelNotFoundError, status_of
 from server.sampling import InvalidRequestError, SamplingParams, StructuredOutput
+from server.tool_calls import FunctionTool
 
 MAX_N = 16
 RATE_CHARGE = "lmserve.rate_charge"   # scope key: takes more turns of the caller's rate limit, or raises its 429
@@ -15,6 +17,8 @@ AUDIT_DETAILS = "lmserve.audit_details"   # scope key: what a route adds to its 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_BODY_BYTES = 4 * 2**20   # a request body larger than this is refused before it is parsed
 BODY_TIMEOUT_S = 30           # a request body not complete this long after its headers is refused (408)
+MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class ApiError(Exception):
@@ -65,6 +69,10 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     logprobs: bool
+    tools: list[FunctionTool] = field(default_factory=list)
+    tool_choice: str = "none"            # none | auto | required | named
+    named_tool: str | None = None        # with tool_choice "named"
+    parallel_tool_calls: bool = True
 
 
 def parse_completion(body: dict) -> CompletionRequest:
@@ -109,7 +117,58 @@ def parse_chat(body: dict) -> ChatRequest:
         max_tokens = optional_field(body, "max_tokens", int)
     params = _sampling_params(body, max_tokens=max_tokens, logprobs=(top or 0) if want_logprobs else None)
     stream, include_usage = _stream(body)
-    return ChatRequest(model, parsed, params, _n(body), stream, include_usage, want_logprobs)
+    tools = _tools(body)
+    tool_choice, named = _tool_choice(body, tools)
+    if tool_choice in ("required", "named") and params.structured_output is not None:
+        raise ApiError(400, f"tool_choice {tool_choice if tool_choice == 'required' else named!r} forces a tool call, "
+                            f"which {params.structured_output.field} would constrain too; send one of them", "tool_choice")
+    return ChatRequest(model, parsed, params, _n(body), stream, include_usage, want_logprobs, tools, tool_choice,
+                       named, bool(optional_field(body, "parallel_tool_calls", bool, default=True)))
+
+
+def _tools(body: dict) -> list[FunctionTool]:
+    tools = body.get("tools")
+    if tools is None:
+        return []
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise ApiError(400, f"tools must be a list of at most {MAX_TOOLS} {{\"type\": \"function\", \"function\": "
+                            "{name, description, parameters}} objects", "tools")
+    parsed = []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise ApiError(400, f"{where} must be {{\"type\": \"function\", \"function\": {{name, description, "
+                                "parameters}}}}", where)
+        f = tool["function"]
+        name = f.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise ApiError(400, f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-'", f"{where}.function.name")
+        if any(t.name == name for t in parsed):
+            raise ApiError(400, f"{where}.function.name {name!r} is given twice", f"{where}.function.name")
+        if not isinstance(f.get("description", ""), (str, type(None))):
+            raise ApiError(400, f"{where}.function.description must be a string", f"{where}.function.description")
+        if not isinstance(f.get("parameters", {}), (dict, type(None))):
+            raise ApiError(400, f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters")
+        parsed.append(FunctionTool(name, f.get("description"), f.get("parameters")))
+    return parsed
+
+
+def _tool_choice(body: dict, tools: list[FunctionTool]) -> tuple[str, str | None]:
+    choice = body.get("tool_choice")
+    if choice is None:
+        return ("auto" if tools else "none"), None
+    if choice in ("none", "auto", "required"):
+        if choice != "none" and not tools:
+            raise ApiError(400, f"tool_choice {choice!r} needs tools", "tool_choice")
+        return choice, None
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
+                            '{"name": NAME}}', "tool_choice")
+    if not any(t.name == name for t in tools):
+        raise ApiError(400, f"tool_choice names the function {name[:64]!r}, which is not in tools", "tool_choice")
+    return "named", name
 
 
 def _message(m, i: int) -> dict:
@@ -139,7 +198,35 @@ def _message(m, i: int) -> dict:
     if not isinstance(content, str):
         raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
     # Chat templates know system turns; OpenAI's developer role is the same thing under a newer name.
-    return {"role": "system" if role == "developer" else role, "content": content}
+    message = {"role": "system" if role == "developer" else role, "content": content}
+    if role == "assistant" and m.get("tool_calls") is not None:
+        message["tool_calls"] = _history_calls(m["tool_calls"], i)
+    if role == "tool" and m.get("tool_call_id") is not None:
+        if not isinstance(m["tool_call_id"], str):
+            raise ApiError(400, f"messages[{i}].tool_call_id must be a string", f"messages[{i}].tool_call_id")
+        message["tool_call_id"] = m["tool_call_id"]
+    return message
+
+
+def _history_calls(calls, i: int) -> list[dict]:
+    """An assistant turn's earlier tool calls, with arguments as objects (what chat templates expect)."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list) or len(calls) > MAX_TOOLS:
+        raise ApiError(400, f"{where} must be a list of tool calls", where)
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not (isinstance(function, dict) and isinstance(function.get("name"), str)
+                and isinstance(function.get("arguments"), str) and isinstance(call.get("id", ""), str)):
+            raise ApiError(400, f"{where}[{j}] must be {{id, type: function, function: {{name, arguments (a JSON "
+                                "string)}}}}", f"{where}[{j}]")
+        try:
+            arguments = json.loads(function["arguments"])
+        except (ValueError, RecursionError):
+            arguments = function["arguments"]
+        out.append({"id": call.get("id", f"call_{j}"), "type": "function",
+                    "function": {"name": function["name"], "arguments": arguments}})
+    return out
 
 
 def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> SamplingParams:

@@ -33,7 +33,8 @@ class LiveServer:
     """multiprocess: the engine core in a process of its own (as python -m server runs it), else on the server's
     event loop, where tests can reach into it through engine.core."""
 
-    def __init__(self, model_path: str, access=None, multiprocess: bool = False, **engine_kwargs):
+    def __init__(self, model_path: str, access=None, multiprocess: bool = False, tool_call_parser: str = "auto",
+                 **engine_kwargs):
         config = EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1, **engine_kwargs)
         self.multiprocess = multiprocess
         if multiprocess:
@@ -45,13 +46,15 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.access = access
+        self.tool_call_parser = tool_call_parser
         self.server: uvicorn.Server | None = None
         self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
 
     async def _serve(self):
         if self.multiprocess:
             self.engine = await MultiprocessEngineClient.connect(self.address, process=self.core_process, timeout=120)
-        config = uvicorn.Config(build_app(self.engine, self.access), host="127.0.0.1", port=self.port,
+        app = build_app(self.engine, self.access, tool_call_parser=self.tool_call_parser)
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                 log_level="warning", loop="asyncio")
         self.server = uvicorn.Server(config)
         grpc_server, _ = await start_grpc_server(self.engine, "127.0.0.1", self.grpc_port, self.access)
