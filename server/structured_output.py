@@ -31,7 +31,8 @@ def grammar_text(spec: StructuredOutput) -> str:
         if not isinstance(schema, (dict, bool)):
             raise ValueError("a JSON schema must be an object (or true / false)")
         # Compact JSON: with free whitespace a model can spend its whole budget between two tokens.
-        return llguidance.LLMatcher.grammar_from_json_schema(spec.spec, defaults={"whitespace_flexible": False})
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(closed_schema(schema)),
+                                                            defaults={"whitespace_flexible": False})
     if spec.kind == "regex":
         return llguidance.grammar_from("regex", spec.spec)
     if spec.kind == "choice":
@@ -44,6 +45,27 @@ def grammar_text(spec: StructuredOutput) -> str:
             raise ValueError(f"choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
         return llguidance.grammar_from("choice", spec.spec)
     return llguidance.grammar_from("grammar", spec.spec)
+
+
+def closed_schema(schema):
+    """schema with additionalProperties false on every object that lists properties and says nothing of extra
+    ones (vLLM's default through xgrammar's strict mode): a model is not left to invent arguments nobody asked for.
+    allOf branches are left open: closing each would forbid the properties the others add."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_schema(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    for key in ("properties", "$defs", "definitions", "patternProperties"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: closed_schema(s) for name, s in schema[key].items()}
+    if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
+_SUBSCHEMAS = ("items", "prefixItems", "anyOf", "oneOf", "not", "if", "then", "else", "additionalProperties",
+               "contains")
 
 
 class GrammarCompiler:

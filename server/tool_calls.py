@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from server.sampling import StructuredOutput
+from server.structured_output import closed_schema
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 
@@ -234,7 +235,7 @@ def forced_call_grammar(parser_name: str, tools: list[FunctionTool], parallel: b
     parser's format, its arguments valid against the tool's parameters."""
     key = "parameters" if parser_name == "llama3_json" else "arguments"
     one = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name},
-                                                       key: t.parameters or {"type": "object"}},
+                                                       key: closed_schema(t.parameters or {"type": "object"})},
                       "required": ["name", key], "additionalProperties": False} for t in tools],
            "x-guidance": {"whitespace_flexible": False}}
     body = json.dumps(one)

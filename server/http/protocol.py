@@ -316,7 +316,7 @@ def _spec(kind: str, value, field: str) -> StructuredOutput:
     """value as the request gave it: a JSON schema as an object (or its text), a choice list, a regex or grammar."""
     if kind == "json" and isinstance(value, (dict, bool)):
         try:
-            value = json.dumps(value, sort_keys=True)
+            value = json.dumps(value)
         except (ValueError, RecursionError):
             raise ApiError(400, f"{field} is nested too deeply", field) from None
     elif kind == "choice" and isinstance(value, list):
