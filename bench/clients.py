@@ -9,7 +9,7 @@ import json
 import time
 from dataclasses import dataclass, field
 
-from bench.workload import PlannedRequest
+from bench.workload import LOAD_SCHEMA, PlannedRequest
 
 # Tokenized by the server to get token ids its model knows; prompts are drawn from them.
 VOCABULARY_TEXT = ("The quick brown fox jumps over the lazy dog. Requests arrive at random times and a scheduler "
@@ -73,6 +73,8 @@ class HttpClient:
     async def send(self, req: PlannedRequest, record: RequestRecord):
         body = {"model": req.model, "prompt": req.prompt_token_ids, "max_tokens": req.max_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": self.stream}
+        if req.structured:
+            body["guided_json"] = LOAD_SCHEMA
         if self.stream:
             body["stream_options"] = {"include_usage": True}
         record.start = self.clock()
@@ -147,6 +149,8 @@ class GrpcClient:
         message = pb.GenerateRequest(
             token_ids=pb.TokenIds(ids=req.prompt_token_ids), adapter="" if req.model == self.base_model else req.model,
             sampling=pb.SamplingParameters(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True))
+        if req.structured:
+            message.json_schema = json.dumps(LOAD_SCHEMA)
         record.start = self.clock()
         try:
             if self.stream:

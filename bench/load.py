@@ -38,11 +38,12 @@ class LoadOptions:
     request_timeout: float = 300.0
     seed: int = 0
     progress: bool = True
+    structured_fraction: float = 0.0       # this share of requests constrained by a JSON schema (bench/workload.py)
 
     def workload(self, models: list[str]) -> Workload:
         duration = self.duration if self.duration is not None or self.num_requests is not None else 30.0
         return Workload(self.qps, Distribution.parse(self.prompt_tokens), Distribution.parse(self.max_tokens), models,
-                        duration, self.num_requests, self.shared_prefix_tokens, self.seed)
+                        duration, self.num_requests, self.shared_prefix_tokens, self.seed, self.structured_fraction)
 
 
 async def run_load(options: LoadOptions) -> tuple[dict, list[RequestRecord]]:
@@ -147,11 +148,13 @@ def parse_args(argv=None) -> tuple[LoadOptions, argparse.Namespace]:
     p.add_argument("--json", default=None, metavar="OUT", help="write the report as JSON")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write latency and throughput over time")
     p.add_argument("--no-progress", action="store_true", help="no live progress line")
+    p.add_argument("--structured-fraction", type=float, default=0.0, help="this share of the requests carry a JSON "
+                   "schema (guided_json / json_schema) that never completes within max_tokens")
     a = p.parse_args(argv)
     options = LoadOptions(a.qps, a.duration, a.num_requests, a.url, a.grpc, a.metrics_url, a.model, a.stream,
                           a.prompt_tokens, a.max_tokens, a.shared_prefix_tokens,
                           a.adapters.split(",") if a.adapters else None, a.max_in_flight, a.request_timeout, a.seed,
-                          not a.no_progress)
+                          not a.no_progress, a.structured_fraction)
     try:
         options.workload(["x"])  # check the distributions and bounds before connecting
         if a.qps <= 0 or (a.duration is not None and a.duration <= 0) or (a.num_requests is not None and a.num_requests < 1):

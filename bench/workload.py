@@ -45,6 +45,12 @@ class Distribution:
         return (self.a + self.b) / 2 if self.kind == "uniform" else self.a
 
 
+# The grammar of a load's constrained requests: a JSON object that never completes within a load's max_tokens
+# (500 strings at least), so constrained and unconstrained requests generate the same number of tokens.
+LOAD_SCHEMA = {"type": "object", "required": ["items"], "additionalProperties": False,
+               "properties": {"items": {"type": "array", "minItems": 500, "items": {"type": "string", "maxLength": 12}}}}
+
+
 @dataclass(frozen=True)
 class PlannedRequest:
     index: int
@@ -52,6 +58,7 @@ class PlannedRequest:
     prompt_token_ids: list[int]
     max_tokens: int
     model: str
+    structured: bool = False  # constrained by LOAD_SCHEMA
 
 
 def poisson_arrivals(rng: random.Random, qps: float, duration: float | None = None,
@@ -79,6 +86,7 @@ class Workload:
     num_requests: int | None = None
     shared_prefix_tokens: int = 0     # every prompt starts with the same this-many tokens
     seed: int = 0
+    structured_fraction: float = 0.0  # this share of the requests, spread evenly, carry LOAD_SCHEMA
 
     def plan(self, vocabulary: list[int]) -> list[PlannedRequest]:
         """The requests, with prompts drawn from vocabulary (token ids the model's tokenizer produces)."""
@@ -87,6 +95,10 @@ class Workload:
         rng = random.Random(self.seed)
         arrivals = poisson_arrivals(rng, self.qps, self.duration, self.num_requests)
         prefix = [rng.choice(vocabulary) for _ in range(self.shared_prefix_tokens)]
+        if not 0 <= self.structured_fraction <= 1:
+            raise ValueError(f"structured_fraction must be in [0, 1]; got {self.structured_fraction}")
+        f = self.structured_fraction
         return [PlannedRequest(i, t, prefix + [rng.choice(vocabulary) for _ in range(self.prompt_tokens.sample(rng))],
-                               self.max_tokens.sample(rng), self.models[i % len(self.models)])
+                               self.max_tokens.sample(rng), self.models[i % len(self.models)],
+                               int((i + 1) * f) > int(i * f))
                 for i, t in enumerate(arrivals)]

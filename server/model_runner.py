@@ -4,6 +4,7 @@ prepare() runs on the event loop (it reads sequences the loop owns); run() touch
 tensors, so it can run in a worker thread while the loop keeps serving.
 """
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from batching.scheduler import SchedulerOutput
 from server.cuda_graphs import DecodeGraphs
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.sampling import SampledToken, SamplerRow, sample, token_logprobs
+from server.structured_output import fill_bitmasks
 from batching.sequence import Sequence
 
 
@@ -46,6 +48,7 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.decode_graphs: DecodeGraphs | None = None   # set by the engine on CUDA unless --enforce-eager
+        self._mask_filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-masks")
 
     def prepare(self, out: SchedulerOutput) -> PreparedBatch:
         bs = self.block_size
@@ -104,6 +107,9 @@ class ModelRunner:
         if batch.lora_slots is not None:
             lora = self.lora_pool
             lora.token_slots = batch.lora_slots   # read by every projection of this forward, in this thread only
+        grammars = [row.grammar for row in batch.sampler_rows if row.grammar is not None]
+        # The grammars' masks are filled on a thread of their own while the forward pass runs.
+        masks = self._mask_filler.submit(fill_bitmasks, grammars, self.model.config.vocab_size) if grammars else None
         if self.decode_graphs is not None and self.decode_graphs.serves(batch):
             hidden = self.decode_graphs.run(batch)
         else:
@@ -111,7 +117,8 @@ class ModelRunner:
         sampled, failed = {}, {}
         if batch.sample_seqs:
             logits = self.model.compute_logits(hidden[batch.sample_indices])
-            sampled, failed = sample_isolating_failures(logits, batch.sample_seqs, batch.sampler_rows)
+            sampled, failed = sample_isolating_failures(logits, batch.sample_seqs, batch.sampler_rows,
+                                                        masks.result() if masks else None)
             advance_grammars(sampled, failed)
         prompt_logprobs = {
             seq: token_logprobs(self.model.compute_logits(hidden[rows]), targets,
@@ -120,17 +127,21 @@ class ModelRunner:
         return StepResult(sampled, prompt_logprobs, failed)
 
 
-def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplerRow]
+def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplerRow],
+                              grammar_bitmask: torch.Tensor | None = None
                               ) -> tuple[dict[Sequence, SampledToken], dict[Sequence, str]]:
     """Sample every row at once; a row whose logits are not finite, or whose sampling raises, fails alone."""
     finite = torch.isfinite(logits).all(dim=-1)
     try:
-        sampled = dict(zip(seqs, sample(logits, rows)))
+        sampled = dict(zip(seqs, sample(logits, rows, grammar_bitmask)))
     except Exception:  # find the row(s) that raise, one at a time
         sampled, failed = {}, {}
+        constrained = -1
         for i, (seq, row) in enumerate(zip(seqs, rows)):
+            constrained += row.grammar is not None
+            mask = grammar_bitmask[constrained:constrained + 1] if row.grammar is not None and grammar_bitmask is not None else None
             try:
-                sampled[seq] = sample(logits[i:i + 1], [row])[0]
+                sampled[seq] = sample(logits[i:i + 1], [row], mask)[0]
             except Exception as e:
                 failed[seq] = f"sampling failed: {type(e).__name__}: {e}"
     else:

@@ -183,14 +183,18 @@ class SampledToken:
     top_logprobs: dict[int, float] | None = None
 
 
-def sample(logits: torch.Tensor, rows: list[SamplerRow]) -> list[SampledToken]:
-    # logits: [B, V] float32, one row per entry of rows
+def sample(logits: torch.Tensor, rows: list[SamplerRow], grammar_bitmask: torch.Tensor | None = None
+           ) -> list[SampledToken]:
+    # logits: [B, V] float32, one row per entry of rows; grammar_bitmask: the constrained rows' masks, in order
+    # (server/structured_output.py fill_bitmasks), when filled ahead; else they are filled here.
     raw_logits = logits
     logits = _apply_penalties_and_bias(logits.clone(), rows)
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
     if constrained:
-        from server.structured_output import apply_grammar_masks
-        apply_grammar_masks(logits, constrained, [rows[i].grammar for i in constrained])
+        from server.structured_output import apply_bitmasks, fill_bitmasks
+        if grammar_bitmask is None:
+            grammar_bitmask = fill_bitmasks([rows[i].grammar for i in constrained], logits.shape[1])
+        apply_bitmasks(logits, constrained, grammar_bitmask)
     token_ids = logits.argmax(dim=-1)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:

@@ -133,20 +133,28 @@ class GrammarCompiler:
 _fill_executor = None
 
 
-def apply_grammar_masks(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
-    """In place: each listed row of logits [B, V] keeps only the tokens its matcher allows next (the rest -inf).
-    A row that the other constraints (min_tokens' ban on EOS) left with no token gets the grammar's own set."""
+def fill_bitmasks(matchers: list, vocab: int) -> torch.Tensor:
+    """The tokens each matcher allows next, as bits: int32 [len(matchers), ceil(vocab / 32)] on the CPU. Safe to
+    run on a thread of its own while the forward pass runs (the matchers move only after sampling). (Not through
+    llguidance.torch, whose import pulls in torch.compile: seconds, once.)"""
     import llguidance
-    import llguidance.torch as llt
     global _fill_executor
-    vocab = logits.shape[1]
-    bitmask = torch.empty(len(rows), (vocab + 31) // 32, dtype=torch.int32)
-    if len(rows) == 1:
-        llt.fill_next_token_bitmask(matchers[0], bitmask, 0)
+    bitmask = torch.empty(len(matchers), (vocab + 31) // 32, dtype=torch.int32)
+    row_bytes = bitmask.shape[1] * 4
+    if len(matchers) == 1:
+        matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), row_bytes)
     else:
         if _fill_executor is None:
             _fill_executor = llguidance.LLExecutor()
-        llt.fill_next_token_bitmask_par(_fill_executor, [(m, j) for j, m in enumerate(matchers)], bitmask)
+        _fill_executor.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(),
+                                               row_bytes, len(matchers))
+    return bitmask
+
+
+def apply_bitmasks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """In place: each listed row of logits [B, V] keeps only the tokens its bitmask row allows (the rest -inf).
+    A row that the other constraints (min_tokens' ban on EOS) left with no token gets the grammar's own set."""
+    vocab = logits.shape[1]
     bitmask = bitmask.to(logits.device, non_blocking=True)
     bits = torch.arange(32, dtype=torch.int32, device=logits.device)
     allowed = ((bitmask[:, :, None] >> bits) & 1).bool().view(len(rows), -1)[:, :vocab]
@@ -154,3 +162,8 @@ def apply_grammar_masks(logits: torch.Tensor, rows: list[int], matchers: list) -
     masked = logits[index].masked_fill(~allowed, -math.inf)
     nothing_left = torch.isneginf(masked).all(dim=-1, keepdim=True)
     logits[index] = torch.where(nothing_left & allowed, 0.0, masked)
+
+
+def apply_grammar_masks(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+    """apply_bitmasks with the matchers' masks filled now."""
+    apply_bitmasks(logits, rows, fill_bitmasks(matchers, logits.shape[1]))

@@ -85,7 +85,7 @@ def test_a_template_without_tools_gets_the_hermes_prompt_and_history_as_text():
     rendered, template_tools = prompt_messages(messages, tools, template_knows_tools=False)
     assert template_tools is None
     assert rendered[0]["role"] == "system" and rendered[0]["content"].startswith("Be brief.\n\n")
-    assert '"name": "get_weather"' in rendered[0]["content"] and "<tool_call>" in rendered[0]["content"]
+    assert '"name":"get_weather"' in rendered[0]["content"] and "<tool_call>" in rendered[0]["content"]
     assert rendered[2] == {"role": "assistant", "content":
                            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}\n</tool_call>'}
     assert rendered[3] == {"role": "user", "content": "<tool_response>\n18C\n</tool_response>"}
