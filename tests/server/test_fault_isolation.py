@@ -52,10 +52,10 @@ def break_sampling(engine, request_id):
     seq = engine.core._seqs[request_id]
     real = model_runner.sample
 
-    def sample(logits, rows):
+    def sample(logits, rows, grammar_bitmask=None):
         if any(row.token_ids is seq.token_ids for row in rows):
             raise ValueError("a broken sampler row")
-        return real(logits, rows)
+        return real(logits, rows, grammar_bitmask)
     model_runner.sample = sample
 
 
