@@ -170,6 +170,7 @@ class EngineCore:
         if self._seqs.get(seq.request_id) is not seq:   # aborted while it waited
             return
         seq.grammar = grammar
+        seq.grammar_armed = seq.params.structured_output.start_after is None
         if lora is None:
             self._admit(seq)
         else:

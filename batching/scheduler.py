@@ -124,7 +124,7 @@ class Scheduler:
 
 def _stop_reason(seq: Sequence, token: int, eos_token_ids: tuple[int, ...]) -> FinishReason | None:
     p = seq.params
-    if seq.grammar is not None and seq.grammar.is_stopped():   # the grammar is complete: nothing may follow
+    if seq.grammar is not None and seq.grammar_armed and seq.grammar.is_stopped():   # complete: nothing may follow
         return FinishReason.STOP
     if seq.num_output_tokens >= p.min_tokens:
         if token in p.stop_token_ids or (not p.ignore_eos and token in eos_token_ids):

@@ -42,6 +42,7 @@ class Sequence:
     lora: object | None = None          # the LoRAAdapter it runs with (server/lora.py); None: the base model
     grammar: object | None = None       # its structured-output matcher (server/structured_output.py): advanced
                                         # by each sampled token, so it survives preemption with the tokens
+    grammar_armed: bool = True          # False until the token its spec starts after (start_after) is sampled
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

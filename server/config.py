@@ -6,6 +6,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from server.layers.ops import KERNEL_CHOICES
 from server.quantization.config import QUANT_CHOICES
+from server.reasoning import PARSERS as REASONING_PARSERS
 from server.tool_calls import PARSERS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -154,6 +155,8 @@ class ServerConfig:
     tool_call_parser: str = setting("auto", "the format the model writes tool calls in: hermes (<tool_call> "
                                     "blocks), llama3_json or mistral; auto picks it from the chat template",
                                     choices=("auto", *PARSERS))
+    reasoning_parser: str | None = setting(None, "split a reasoning model's <think>...</think> into "
+                                           "reasoning_content: deepseek_r1 or qwen3", choices=REASONING_PARSERS)
     shutdown_timeout: float = setting(30.0, "on SIGTERM / SIGINT: seconds to let requests in flight finish (health "
                                       "503, new requests refused) before the rest are aborted and the process exits 0",
                                       type=float)
@@ -167,6 +170,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive seconds; got {getattr(self, name)}")
         if self.tool_call_parser not in ("auto", *PARSERS):
             raise ValueError(f"tool_call_parser must be one of auto, {', '.join(PARSERS)}; got {self.tool_call_parser!r}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {', '.join(REASONING_PARSERS)}; got {self.reasoning_parser!r}")
         if self.api_server_count > 1 and self.engine_in_process:
             raise ValueError("--api-server-count above 1 needs the engine core in its own process "
                              "(leave out --engine-in-process)")

@@ -80,8 +80,8 @@ class ModelRunner:
             groups.append(self._group(slice(offset, offset + n * len(run)), [s.seq for s in run], queries))
             offset += n * len(run)
         # The loop appends to token_ids only after run() returns, so the worker may read them in place.
-        rows = [SamplerRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens, self.eos_token_ids, s.grammar)
-                for s in sample_seqs]
+        rows = [SamplerRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
+                           s.grammar if s.grammar_armed else None) for s in sample_seqs]
         return PreparedBatch(
             input_ids=self._tensor(input_ids), positions=self._tensor(positions),
             meta=AttentionMetadata(self._tensor(slots), groups),
@@ -154,9 +154,13 @@ def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: 
 
 
 def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequence, str]):
-    """Each sampled token moves its sequence's grammar on; a token the grammar refuses fails that sequence."""
+    """Each sampled token moves its sequence's grammar on (or arms it: the spec's start_after token); a token the
+    grammar refuses fails that sequence."""
     for seq in [s for s in sampled if s.grammar is not None]:
         token = sampled[seq].token_id
+        if not seq.grammar_armed:
+            seq.grammar_armed = token == seq.params.structured_output.start_after
+            continue
         if not seq.grammar.consume_token(token):
             del sampled[seq]
             failed[seq] = f"the grammar refused token {token}: {seq.grammar.get_error().splitlines()[0][:300]}"

@@ -1,4 +1,5 @@
-"""RequestOutput (the deltas generate() yields) and StopStringMatcher (text stops, held-back partial matches)."""
+"""RequestOutput (the deltas generate() yields), StopStringMatcher (text stops) and partial_suffix (the held-back
+tail that may still become a marker)."""
 from dataclasses import dataclass, field
 
 from server.sampling import SampledToken
@@ -45,16 +46,22 @@ class StopStringMatcher:
         return self._take(text, len(text) - self._partial_tail(text))
 
     def _partial_tail(self, text: str) -> int:
-        longest = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest
+        return partial_suffix(text, self.stops)
 
     def _take(self, text: str, end: int) -> str:
         end = max(end, self.emitted)
         out = text[self.emitted:end]
         self.emitted = end
         return out
+
+
+def partial_suffix(text: str, markers: list[str]) -> int:
+    """Length of the longest end of text that is the beginning of one of markers (held back while it may still
+    become one: a stop string, a tool call's opening tag, the end of a model's reasoning)."""
+    longest = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), longest, -1):
+            if text.endswith(marker[:n]):
+                longest = n
+                break
+    return longest

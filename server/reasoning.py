@@ -7,6 +7,8 @@
 An output cut off before </think> is all reasoning. A grammar (response_format, a forced tool call) applies only
 after the reasoning: the engine arms it at the </think> token (StructuredOutput.start_after).
 """
+from server.outputs import partial_suffix
+
 PARSERS = ("deepseek_r1", "qwen3")
 START, END = "<think>", "</think>"
 
@@ -44,15 +46,8 @@ class ReasoningStream:
             if START.startswith(self.text.lstrip()):
                 return "", ""   # may still open with <think>
             if reasoning is not None and END not in self.text:
-                reasoning = reasoning[:len(reasoning) - _partial_suffix(reasoning, END)]   # may be </think> begun
+                reasoning = reasoning[:len(reasoning) - partial_suffix(reasoning, [END])]   # may be </think> begun
         reasoning = reasoning or ""
         out = reasoning[self.sent_reasoning:], content[self.sent_content:]
         self.sent_reasoning, self.sent_content = max(self.sent_reasoning, len(reasoning)), len(content)
         return out
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0

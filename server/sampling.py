@@ -34,10 +34,13 @@ class StructuredOutput:
     kind: str
     spec: str
     field: str = "structured_output"
+    start_after: int | None = None     # the grammar applies only after this token (a reasoning model's </think>)
 
     def __post_init__(self):
         _check(isinstance(self.field, str) and 0 < len(self.field) <= 64, "structured_output",
                "structured_output.field must be a short string")
+        _check(self.start_after is None or _is_int(self.start_after) and 0 <= self.start_after < 2**31,
+               "structured_output", "structured_output.start_after must be a token id")
         _check(self.kind in GRAMMAR_KINDS, self.field,
                f"{self.field}: the kind must be one of {', '.join(GRAMMAR_KINDS)}; got {str(self.kind)[:40]!r}")
         _check(isinstance(self.spec, str) and self.spec.strip() != "", self.field,
@@ -70,7 +73,7 @@ class SamplingParams:
 
     def __post_init__(self):
         if isinstance(self.structured_output, dict):
-            fields = {"kind", "spec", "field"}
+            fields = {"kind", "spec", "field", "start_after"}
             _check(set(self.structured_output) <= fields, "structured_output",
                    f"structured_output takes {', '.join(sorted(fields))}")
             self.structured_output = StructuredOutput(**self.structured_output)

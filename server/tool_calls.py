@@ -14,6 +14,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from server.outputs import partial_suffix
 from server.sampling import StructuredOutput
 from server.structured_output import closed_schema
 
@@ -97,7 +98,7 @@ class HermesParser:
     def content_end(self, text: str) -> int:
         """How much of text is content whatever follows (the rest may begin a call)."""
         start = text.find(self.START)
-        return _settled(text, start if start >= 0 else len(text) - _partial_suffix(text, self.START))
+        return _settled(text, start if start >= 0 else len(text) - partial_suffix(text, [self.START]))
 
 
 class Llama3JsonParser:
@@ -140,7 +141,7 @@ class MistralParser:
             return _settled(text, at)
         if text.lstrip().startswith("["):
             return 0
-        return _settled(text, len(text) - _partial_suffix(text, self.MARKER))
+        return _settled(text, len(text) - partial_suffix(text, [self.MARKER]))
 
 
 def _content(text: str) -> str:
@@ -151,14 +152,6 @@ def _content(text: str) -> str:
 def _settled(text: str, end: int) -> int:
     """end, unless text[:end] is only whitespace (which is no content at all if calls follow): then 0."""
     return end if text[:end].strip() else 0
-
-
-def _partial_suffix(text: str, marker: str) -> int:
-    """Length of the longest end of text that begins marker."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def make_parser(name: str):

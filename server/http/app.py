@@ -66,10 +66,11 @@ async def json_body(request: Request) -> dict:
 
 
 def build_app(engine: EngineClient, access: AccessControl | None = None,
-              max_choices_per_request: int = DEFAULT_MAX_CHOICES, tool_call_parser: str = "auto") -> Starlette:
+              max_choices_per_request: int = DEFAULT_MAX_CHOICES, tool_call_parser: str = "auto",
+              reasoning_parser: str | None = None) -> Starlette:
     """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
     model_name = engine.model_name
-    openai = OpenAIRoutes(engine, model_name, max_choices_per_request, tool_call_parser)
+    openai = OpenAIRoutes(engine, model_name, max_choices_per_request, tool_call_parser, reasoning_parser)
     created = int(time.time())
 
     async def health(_: Request) -> Response:

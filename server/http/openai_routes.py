@@ -21,6 +21,8 @@ from server.errors import ModelNotFoundError, RequestFailedError, ServerBusyErro
 from server.http.protocol import (DEFAULT_MAX_CHOICES, RATE_CHARGE, ApiError, engine_refusal, model_not_found,
                                   parse_chat, parse_completion)
 from server.outputs import RequestOutput
+from server.reasoning import END as REASONING_END
+from server.reasoning import ReasoningParser, ReasoningStream
 from server.sampling import InvalidRequestError, SamplingParams
 from server.tokenizer import template_knows_tools
 from server.tool_calls import ToolCallStream, forced_call_grammar, make_parser, parser_for_template, prompt_messages
@@ -52,7 +54,7 @@ class Choice:
 
 class OpenAIRoutes:
     def __init__(self, engine: EngineClient, model_name: str, max_choices: int = DEFAULT_MAX_CHOICES,
-                 tool_call_parser: str = "auto"):
+                 tool_call_parser: str = "auto", reasoning_parser: str | None = None):
         self.engine = engine
         self.model_name = model_name
         self.tokenizer = engine.tokenizer
@@ -60,6 +62,10 @@ class OpenAIRoutes:
         self.template_knows_tools = template_knows_tools(self.tokenizer)
         self.tool_parser = (parser_for_template(self.tokenizer.chat_template) if tool_call_parser == "auto"
                             else tool_call_parser)
+        self.reasoning = ReasoningParser(reasoning_parser) if reasoning_parser else None
+        # A grammar waits for the end of the reasoning, where that is one token (else it applies from the start).
+        think_end = self.tokenizer.encode(REASONING_END, add_special_tokens=False)
+        self.think_end = think_end[0] if len(think_end) == 1 else None
 
     # --- /v1/completions ------------------------------------------------------------------------
     async def completions(self, request: Request, body: dict):
@@ -124,6 +130,10 @@ class OpenAIRoutes:
             forced = [t for t in req.tools if req.tool_choice == "required" or t.name == req.named_tool]
             params = dataclasses.replace(params, structured_output=forced_call_grammar(
                 self.tool_parser, forced, req.parallel_tool_calls and req.tool_choice == "required"))
+        reasoning = self.reasoning
+        if reasoning and params.structured_output is not None and self.think_end is not None:
+            params = dataclasses.replace(params, structured_output=dataclasses.replace(
+                params.structured_output, start_after=self.think_end))
         choices = [Choice(j, prompt_ids, _copy_params(params, j)) for j in range(req.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await until_disconnect(request, self._start(rid, choices, adapter))
@@ -143,13 +153,19 @@ class OpenAIRoutes:
                 for c in choices:
                     yield chunk(c, {"role": "assistant", "content": ""}, None, None)
                 tool_streams = {c.index: ToolCallStream(parser) for c in choices} if parser else {}
+                thinking = {c.index: ReasoningStream(reasoning) for c in choices} if reasoning else {}
                 async for c, out in self._pump(choices, streams):
                     lp = {"content": self._chat_logprobs(out.logprobs)} if req.logprobs else None
+                    text = out.text
+                    if reasoning:
+                        thought, text = thinking[c.index].feed(text, out.finished)
+                        if thought:
+                            yield chunk(c, {"reasoning_content": thought}, None, None)
                     if parser is None:
-                        delta = {"content": out.text} if out.text or not out.finished else {}
-                        yield chunk(c, delta, lp, out.finish_reason)
+                        if text or lp or out.finished or not reasoning:
+                            yield chunk(c, {"content": text} if text or not out.finished else {}, lp, out.finish_reason)
                         continue
-                    text, calls = tool_streams[c.index].feed(out.text, out.finished)
+                    text, calls = tool_streams[c.index].feed(text, out.finished)
                     if text or lp:
                         yield chunk(c, {"content": text}, lp, None)
                     if out.finished:
@@ -163,12 +179,15 @@ class OpenAIRoutes:
         await self._collect(request, choices, streams)
         result = []
         for c in choices:
-            message, finish = {"role": "assistant", "content": c.text}, c.last.finish_reason
-            content, calls = parser.parse(c.text) if parser else (c.text, [])
+            thought, text = reasoning.split(c.text) if reasoning else (None, c.text)
+            message, finish = {"role": "assistant", "content": text}, c.last.finish_reason
+            content, calls = parser.parse(text) if parser else (text, [])
             if calls:
                 message = {"role": "assistant", "content": content or None,
                            "tool_calls": [call.as_openai() for call in calls_of(calls)]}
                 finish = "tool_calls"
+            if thought is not None:
+                message["reasoning_content"] = thought
             result.append({"index": c.index, "message": message, "finish_reason": finish,
                            "logprobs": {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None})
         return JSONResponse(head("chat.completion") | {"choices": result, "usage": self._usage(choices, req.n)})

@@ -34,7 +34,7 @@ class LiveServer:
     event loop, where tests can reach into it through engine.core."""
 
     def __init__(self, model_path: str, access=None, multiprocess: bool = False, tool_call_parser: str = "auto",
-                 **engine_kwargs):
+                 reasoning_parser: str | None = None, **engine_kwargs):
         config = EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1, **engine_kwargs)
         self.multiprocess = multiprocess
         if multiprocess:
@@ -46,14 +46,15 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.access = access
-        self.tool_call_parser = tool_call_parser
+        self.tool_call_parser, self.reasoning_parser = tool_call_parser, reasoning_parser
         self.server: uvicorn.Server | None = None
         self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
 
     async def _serve(self):
         if self.multiprocess:
             self.engine = await MultiprocessEngineClient.connect(self.address, process=self.core_process, timeout=120)
-        app = build_app(self.engine, self.access, tool_call_parser=self.tool_call_parser)
+        app = build_app(self.engine, self.access, tool_call_parser=self.tool_call_parser,
+                        reasoning_parser=self.reasoning_parser)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                 log_level="warning", loop="asyncio")
         self.server = uvicorn.Server(config)

@@ -290,3 +290,14 @@ def test_masks_keep_exactly_the_allowed_tokens():
     logits[2, :] = -float("inf")   # nothing left after other bans: the grammar's set, evenly
     apply_grammar_masks(logits, [2], [Matcher([5, 6])])
     assert logits[2, 5] == logits[2, 6] == 0 and torch.isinf(logits[2]).sum() == 68
+
+
+def test_a_grammar_armed_after_a_token_leaves_the_output_free_until_it(llama):
+    # As for a reasoning model's </think>: the first token (pushed by logit_bias) is free, then the regex rules.
+    engine = make_engine(llama, kv_cache_tokens=2048)
+    think_end = engine.tokenizer.encode(".", add_special_tokens=False)[0]
+    params = SamplingParams(max_tokens=40, temperature=0, logit_bias={str(think_end): 100},
+                            structured_output=StructuredOutput("regex", "[0-9]{3}", start_after=think_end))
+    tokens, _, last = asyncio.run(collect(engine, [5, 6, 7], params))
+    assert tokens[0] == think_end and last.finish_reason == "stop"
+    assert re.fullmatch("[0-9]{3}", engine.tokenizer.decode(tokens[1:]))

@@ -33,6 +33,7 @@ def servers(tmp_path_factory):
     path = str(build_checkpoint(tmp_path_factory.mktemp("tools") / "llama", seed=0, std=0.15,
                                 **(TINY | {"max_position_embeddings": 2048}), **ARCHS["llama"]))
     started = {name: LiveServer(path, tool_call_parser=name, kv_cache_tokens=8192) for name in PARSERS}
+    started["reasoning"] = LiveServer(path, reasoning_parser="qwen3", kv_cache_tokens=8192)
     for server in started.values():
         server.__enter__()
     yield {name: openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0) for name, s in started.items()}
@@ -40,13 +41,15 @@ def servers(tmp_path_factory):
         server.__exit__(None, None, None)
 
 
-def _assembled(stream) -> tuple[str, dict[int, dict], str | None]:
+def _assembled(stream, reasoning: list | None = None) -> tuple[str, dict[int, dict], str | None]:
     content, calls, finish = "", {}, None
     for chunk in stream:
         if not chunk.choices:
             continue
         delta = chunk.choices[0].delta
         content += delta.content or ""
+        if reasoning is not None and getattr(delta, "reasoning_content", None):
+            reasoning.append(delta.reasoning_content)
         for call in delta.tool_calls or []:
             entry = calls.setdefault(call.index, {"id": call.id, "name": "", "arguments": ""})
             entry["name"] += call.function.name or ""
@@ -148,3 +151,25 @@ def test_a_control_token_in_a_tool_definition_is_refused(live):
     r = httpx.post(live.url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES, "max_tokens": 2,
                                                              "tools": tools})
     assert r.status_code == 200   # guarded as text in the system turn: no forged turn
+
+
+@pytest.mark.parametrize("text, reasoning, content, calls", [
+    ("<think>Add them up.</think>Four.", "Add them up.", "Four.", []),
+    ("No thoughts, just this.", None, "No thoughts, just this.", []),
+    ('<think>Need the weather.</think>\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", '
+     '"unit": "f"}}\n</tool_call>', "Need the weather.", "", [("get_weather", {"city": "Oslo", "unit": "f"})]),
+])
+def test_reasoning_content_is_split_off_streamed_and_not(servers, text, reasoning, content, calls):
+    kw = dict(model=MODEL_NAME, messages=MESSAGES, tools=TOOLS, max_tokens=400, temperature=0,
+              extra_body={"guided_choice": [text]})
+    out = servers["reasoning"].chat.completions.create(**kw)
+    message = out.choices[0].message
+    assert getattr(message, "reasoning_content", None) == reasoning
+    assert (message.content or "") == content
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []] == calls
+    thoughts = []
+    streamed, streamed_calls, finish = _assembled(servers["reasoning"].chat.completions.create(stream=True, **kw),
+                                                  thoughts)
+    assert "".join(thoughts) == (reasoning or "") and streamed == content
+    assert [(c["name"], json.loads(c["arguments"])) for _, c in sorted(streamed_calls.items())] == calls
+    assert finish == out.choices[0].finish_reason
