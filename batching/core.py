@@ -108,6 +108,7 @@ class EngineCore:
         self._rng = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}     # every request from add_request to its end
         self._pinned: set[Sequence] = set()      # requests holding their adapter's device slot
+        self._awaiting_grammar = 0               # requests whose grammar is being compiled
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -160,13 +161,18 @@ class EngineCore:
 
     async def _admit_with_grammar(self, seq: Sequence, lora: LoRAAdapter | None):
         """The request waits for its grammar (compiled on a worker thread, or cached) while others run."""
+        self._awaiting_grammar += 1
         try:
             grammar = await self.grammars.matcher(seq.params.structured_output)
-        except Exception as e:
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:   # llguidance's panics are BaseExceptions: the request must still end
             if self._seqs.get(seq.request_id) is seq:
                 self._end_early(seq.request_id, e if isinstance(e, InvalidRequestError) else RequestFailedError(
                     f"request {seq.request_id} failed: its grammar could not be compiled: {e}"))
             return
+        finally:
+            self._awaiting_grammar -= 1
         if self._seqs.get(seq.request_id) is not seq:   # aborted while it waited
             return
         seq.grammar = grammar
@@ -229,8 +235,8 @@ class EngineCore:
 
     @property
     def num_queued(self) -> int:
-        """Requests accepted but not yet started: in the batcher or waiting in the scheduler."""
-        return len(self.batcher) + len(self.scheduler.waiting)
+        """Requests accepted but not yet started: waiting for their grammar, in the batcher or in the scheduler."""
+        return self._awaiting_grammar + len(self.batcher) + len(self.scheduler.waiting)
 
     def _make_sequence(self, token_ids: list[int], params: SamplingParams, request_id: str,
                        arrival_time: float) -> Sequence:
@@ -327,6 +333,7 @@ class EngineCore:
             except asyncio.CancelledError:
                 pass
         self._executor.shutdown(wait=True)
+        self.runner.shutdown()
         self.grammars.shutdown()
 
     # --- the step loop -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from batching.scheduler import SchedulerOutput
 from server.cuda_graphs import DecodeGraphs
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.sampling import SampledToken, SamplerRow, sample, token_logprobs
-from server.structured_output import fill_bitmasks
+from server.grammar_masks import fill_bitmasks
 from batching.sequence import Sequence
 
 
@@ -49,6 +49,9 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.decode_graphs: DecodeGraphs | None = None   # set by the engine on CUDA unless --enforce-eager
         self._mask_filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-masks")
+
+    def shutdown(self):
+        self._mask_filler.shutdown(wait=True)
 
     def prepare(self, out: SchedulerOutput) -> PreparedBatch:
         bs = self.block_size
@@ -161,6 +164,6 @@ def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequenc
         if not seq.grammar_armed:
             seq.grammar_armed = token == seq.params.structured_output.start_after
             continue
-        if not seq.grammar.consume_token(token):
-            del sampled[seq]
-            failed[seq] = f"the grammar refused token {token}: {seq.grammar.get_error().splitlines()[0][:300]}"
+        if seq.grammar.is_error() or not seq.grammar.consume_token(token) or seq.grammar.is_error():
+            del sampled[seq]   # (a grammar past its parser limits is in error, and would otherwise look complete)
+            failed[seq] = f"the grammar failed at token {token}: {seq.grammar.get_error().splitlines()[0][:300]}"

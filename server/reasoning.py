@@ -31,23 +31,31 @@ class ReasoningParser:
 
 
 class ReasoningStream:
-    """One choice's text deltas in, (reasoning delta, content delta) out; assembles to ReasoningParser.split."""
+    """One choice's text deltas in, (reasoning delta, content delta) out; assembles to ReasoningParser.split. Each
+    delta costs its own length (plus a held-back partial </think>), however long the output grows."""
 
     def __init__(self, parser: ReasoningParser):
         self.parser = parser
-        self.text = ""
-        self.sent_reasoning = 0
-        self.sent_content = 0
+        self.start = ""          # the output until it is known whether it opens with <think>
+        self.mode = None         # "reasoning" or "content", once known
+        self.held = ""           # reasoning that may be the beginning of </think>
 
     def feed(self, delta: str, finished: bool) -> tuple[str, str]:
-        self.text += delta
-        reasoning, content = self.parser.split(self.text)
-        if not finished:
-            if START.startswith(self.text.lstrip()):
+        if self.mode is None:
+            self.start += delta
+            head = self.start.lstrip()
+            if START.startswith(head) and not finished:
                 return "", ""   # may still open with <think>
-            if reasoning is not None and END not in self.text:
-                reasoning = reasoning[:len(reasoning) - partial_suffix(reasoning, [END])]   # may be </think> begun
-        reasoning = reasoning or ""
-        out = reasoning[self.sent_reasoning:], content[self.sent_content:]
-        self.sent_reasoning, self.sent_content = max(self.sent_reasoning, len(reasoning)), len(content)
-        return out
+            opened = head.startswith(START)
+            self.mode = "reasoning" if opened or self.parser.name == "deepseek_r1" else "content"
+            delta = head[len(START):] if opened else self.start
+        if self.mode == "content":
+            return "", delta
+        pending = self.held + delta
+        end = pending.find(END)
+        if end >= 0:
+            self.mode, self.held = "content", ""
+            return pending[:end], pending[end + len(END):]
+        keep = 0 if finished else partial_suffix(pending, [END])
+        self.held = pending[len(pending) - keep:]
+        return pending[:len(pending) - keep], ""

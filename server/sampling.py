@@ -189,12 +189,12 @@ class SampledToken:
 def sample(logits: torch.Tensor, rows: list[SamplerRow], grammar_bitmask: torch.Tensor | None = None
            ) -> list[SampledToken]:
     # logits: [B, V] float32, one row per entry of rows; grammar_bitmask: the constrained rows' masks, in order
-    # (server/structured_output.py fill_bitmasks), when filled ahead; else they are filled here.
+    # (server/grammar_masks.py fill_bitmasks), when filled ahead; else they are filled here.
     raw_logits = logits
     logits = _apply_penalties_and_bias(logits.clone(), rows)
     constrained = [i for i, r in enumerate(rows) if r.grammar is not None]
     if constrained:
-        from server.structured_output import apply_bitmasks, fill_bitmasks
+        from server.grammar_masks import apply_bitmasks, fill_bitmasks
         if grammar_bitmask is None:
             grammar_bitmask = fill_bitmasks([rows[i].grammar for i in constrained], logits.shape[1])
         apply_bitmasks(logits, constrained, grammar_bitmask)

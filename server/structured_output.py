@@ -1,23 +1,27 @@
-"""Structured output: grammars (JSON schema, regex, choice list, Lark / GBNF) compiled into llguidance matchers,
-and the token masks they put on the sampler's logits.
+"""Structured output: grammars (JSON schema, regex, choice list, Lark / GBNF) compiled into llguidance matchers.
 
-llguidance gives, for a matcher's state, the bitmask of the tokens the grammar allows next; it releases the GIL
-while it works. A spec is compiled once, on a worker thread (never on the event loop or the step thread), and
-kept in an LRU cache; each request takes a copy of the compiled matcher. A spec that does not compile is cached
-too, as its error, so sending it again costs nothing: it is an InvalidRequestError naming the request field.
+llguidance gives, for a matcher's state, the bitmask of the tokens the grammar allows next (server/grammar_masks.py
+puts them on the logits); it releases the GIL while it works. A spec is compiled once, on a worker thread (never
+on the event loop or the step thread), under parser limits that bound each mask's work, and its first mask is
+computed there too, so a grammar whose lexer would blow up is refused before it reaches a step. Compiled specs
+are kept in an LRU cache and each request takes a copy; a spec that does not compile is cached too, as its
+error, so sending it again costs nothing: it is an InvalidRequestError naming the request field.
 """
 import asyncio
 import json
-import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
-import torch
-
 from server.sampling import InvalidRequestError, StructuredOutput
 
-CACHE_SIZE = 512       # compiled specs kept
-MAX_CHOICES = 1024     # strings in a choice list
+CACHE_SIZE = 512             # compiled specs kept
+MAX_CHOICES = 1024           # strings in a choice list
+MAX_GBNF_CHARS = 32 * 1024   # llguidance converts GBNF to Lark in Python, with regexes quadratic in some inputs
+MAX_SCHEMA_DEPTH = 64        # nesting of a JSON schema (llguidance refuses much deeper ones anyway)
+# Tighter than llguidance's defaults: each mask's lexer and parser work is bounded, so one request's grammar
+# cannot stall a step for everyone.
+PARSER_LIMITS = dict(initial_lexer_fuel=300_000, step_lexer_fuel=100_000, max_lexer_states=100_000,
+                     step_max_items=20_000, verbose_errors=False)
 
 
 def grammar_text(spec: StructuredOutput) -> str:
@@ -44,21 +48,32 @@ def grammar_text(spec: StructuredOutput) -> str:
                 and all(isinstance(c, str) and c for c in choices)):
             raise ValueError(f"choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
         return llguidance.grammar_from("choice", spec.spec)
-    return llguidance.grammar_from("grammar", spec.spec)
+    if "::=" in spec.spec:   # llama.cpp's GBNF; Lark otherwise
+        if len(spec.spec) > MAX_GBNF_CHARS:
+            raise ValueError(f"a GBNF grammar may have at most {MAX_GBNF_CHARS} characters (Lark has no such limit)")
+        from llguidance.gbnf_to_lark import gbnf_to_lark
+        try:
+            return llguidance.LLMatcher.grammar_from_lark(gbnf_to_lark(spec.spec))
+        except Exception as e:   # the converter's own errors, and plain Exceptions for unknown rules
+            raise ValueError(f"the GBNF grammar does not parse: {str(e)[:500] or type(e).__name__}") from None
+    return llguidance.LLMatcher.grammar_from_lark(spec.spec)
 
 
-def closed_schema(schema):
+def closed_schema(schema, depth: int = 0):
     """schema with additionalProperties false on every object that lists properties and says nothing of extra
     ones (vLLM's default through xgrammar's strict mode): a model is not left to invent arguments nobody asked for.
-    allOf branches are left open: closing each would forbid the properties the others add."""
+    allOf branches are left open: closing each would forbid the properties the others add. ValueError past
+    MAX_SCHEMA_DEPTH levels."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
     if isinstance(schema, list):
-        return [closed_schema(s) for s in schema]
+        return [closed_schema(s, depth + 1) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: closed_schema(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    out = {k: closed_schema(v, depth + 1) if k in _SUBSCHEMAS else v for k, v in schema.items()}
     for key in ("properties", "$defs", "definitions", "patternProperties"):
         if isinstance(schema.get(key), dict):
-            out[key] = {name: closed_schema(s) for name, s in schema[key].items()}
+            out[key] = {name: closed_schema(s, depth + 1) for name, s in schema[key].items()}
     if "properties" in schema and "additionalProperties" not in schema and "patternProperties" not in schema:
         out["additionalProperties"] = False
     return out
@@ -108,11 +123,16 @@ class GrammarCompiler:
         try:
             tokenizer = self._llg_tokenizer()
             grammar = grammar_text(spec)
-        except ValueError as e:
-            return str(e)
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        except (ValueError, RecursionError) as e:
+            return str(e)[:1000] or type(e).__name__
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0,
+                                       limits=llguidance.LLParserLimits(**PARSER_LIMITS))
         if matcher.is_error():
             return matcher.get_error().strip()[:1000]
+        probe = matcher.deep_copy()   # the first mask builds the lexer: its blow-up is an error here, not mid-step
+        probe.compute_bitmask()
+        if probe.is_error():
+            return f"the grammar cannot be used (too complex, or it allows no output): {probe.get_error().strip()[:1000]}"
         return matcher
 
     def _llg_tokenizer(self):
@@ -128,42 +148,3 @@ class GrammarCompiler:
 
     def shutdown(self):
         self._executor.shutdown(wait=False, cancel_futures=True)
-
-
-_fill_executor = None
-
-
-def fill_bitmasks(matchers: list, vocab: int) -> torch.Tensor:
-    """The tokens each matcher allows next, as bits: int32 [len(matchers), ceil(vocab / 32)] on the CPU. Safe to
-    run on a thread of its own while the forward pass runs (the matchers move only after sampling). (Not through
-    llguidance.torch, whose import pulls in torch.compile: seconds, once.)"""
-    import llguidance
-    global _fill_executor
-    bitmask = torch.empty(len(matchers), (vocab + 31) // 32, dtype=torch.int32)
-    row_bytes = bitmask.shape[1] * 4
-    if len(matchers) == 1:
-        matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), row_bytes)
-    else:
-        if _fill_executor is None:
-            _fill_executor = llguidance.LLExecutor()
-        _fill_executor.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(),
-                                               row_bytes, len(matchers))
-    return bitmask
-
-
-def apply_bitmasks(logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
-    """In place: each listed row of logits [B, V] keeps only the tokens its bitmask row allows (the rest -inf).
-    A row that the other constraints (min_tokens' ban on EOS) left with no token gets the grammar's own set."""
-    vocab = logits.shape[1]
-    bitmask = bitmask.to(logits.device, non_blocking=True)
-    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((bitmask[:, :, None] >> bits) & 1).bool().view(len(rows), -1)[:, :vocab]
-    index = torch.tensor(rows, device=logits.device)
-    masked = logits[index].masked_fill(~allowed, -math.inf)
-    nothing_left = torch.isneginf(masked).all(dim=-1, keepdim=True)
-    logits[index] = torch.where(nothing_left & allowed, 0.0, masked)
-
-
-def apply_grammar_masks(logits: torch.Tensor, rows: list[int], matchers: list) -> None:
-    """apply_bitmasks with the matchers' masks filled now."""
-    apply_bitmasks(logits, rows, fill_bitmasks(matchers, logits.shape[1]))

@@ -40,9 +40,15 @@ def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
 
 
 def template_knows_tools(tokenizer) -> bool:
-    """Whether the chat template renders a `tools` list (else tools are described in a system turn)."""
-    template = tokenizer.chat_template
-    return "tools" in (template if isinstance(template, str) else json.dumps(template or ""))
+    """Whether the chat template renders a `tools` list (else tools are described in a system turn): a probe tool's
+    name must appear in what it renders."""
+    probe = [{"type": "function", "function": {"name": "lmserve_probe_tool", "description": "probe",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    try:
+        rendered = render_chat(tokenizer, [{"role": "user", "content": "hi"}], tools=probe)
+    except Exception:   # no template, or one that raises on tools
+        return False
+    return "lmserve_probe_tool" in rendered
 
 
 def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
@@ -64,7 +70,8 @@ def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = T
     added, controls = _control_tokens(tokenizer)
     # Tool definitions and earlier calls reach the text through the template's own filters (tojson), where
     # they cannot be guarded: one that holds a control token's text is refused.
-    for param, value in [("tools", tools)] + [("messages", m["tool_calls"]) for m in messages if m.get("tool_calls")]:
+    for param, value in [("tools", tools)] + [("messages", [m.get("tool_calls"), m.get("tool_call_id")])
+                                              for m in messages if m.get("tool_calls") or m.get("tool_call_id")]:
         found = controls.search(json.dumps(value, ensure_ascii=False)) if controls and value else None
         if found:
             raise InvalidRequestError(f"{param} contains the control token {found.group(0)!r}", param)

@@ -40,25 +40,37 @@ class FunctionTool:
 class ToolCall:
     name: str
     arguments: str                      # a JSON object's text
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")   # Mistral's templates want 9 characters
 
     def as_openai(self, index: int | None = None) -> dict:
         call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
         return call if index is None else {"index": index, **call}
 
 
-def _call(obj, arguments_key: str) -> ToolCall | None:
-    if not (isinstance(obj, dict) and isinstance(obj.get("name"), str) and obj["name"]):
-        return None
-    arguments = obj.get(arguments_key, obj.get("arguments", {}))
-    if isinstance(arguments, str):   # some models write the arguments as a JSON string
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
+class _Parser:
+    """What the formats share: which names are tools (a call to any other name is content), and call ids."""
+
+    def __init__(self, tool_names=None):
+        self.tool_names = None if tool_names is None else frozenset(tool_names)
+
+    def _call(self, obj, arguments_key: str) -> ToolCall | None:
+        """obj as a call: {"name": a tool's name, arguments_key (or "arguments"): an object or its JSON text}."""
+        if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)):
             return None
-    if not isinstance(arguments, dict):
-        return None
-    return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False))
+        if self.tool_names is not None and obj["name"] not in self.tool_names:
+            return None
+        arguments = obj.get(arguments_key, obj.get("arguments"))
+        if isinstance(arguments, str):   # some models write the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(arguments, dict):
+            return None
+        return ToolCall(obj["name"], json.dumps(arguments, ensure_ascii=False), **self._id())
+
+    def _id(self) -> dict:
+        return {}
 
 
 def _json_values(text: str) -> list | None:
@@ -76,7 +88,7 @@ def _json_values(text: str) -> list | None:
         values.append(value)
 
 
-class HermesParser:
+class HermesParser(_Parser):
     name = "hermes"
     START, END = "<tool_call>", "</tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
@@ -85,7 +97,7 @@ class HermesParser:
         calls, first, last = [], None, 0
         for m in self._BLOCK.finditer(text):
             values = _json_values(m.group(1))
-            call = _call(values[0], "arguments") if values and len(values) == 1 else None
+            call = self._call(values[0], "arguments") if values and len(values) == 1 else None
             if call is None:
                 continue
             first = m.start() if first is None else first
@@ -101,28 +113,31 @@ class HermesParser:
         return _settled(text, start if start >= 0 else len(text) - partial_suffix(text, [self.START]))
 
 
-class Llama3JsonParser:
+class Llama3JsonParser(_Parser):
     name = "llama3_json"
     TAG = "<|python_tag|>"
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         body = text.strip().removeprefix(self.TAG)
         values = _json_values(body) if body.lstrip().startswith("{") else None
-        calls = [_call(v, "parameters") for v in values or []]
+        calls = [self._call(v, "parameters") for v in values or []]
         if not calls or None in calls:
             return text, []
         return "", calls
 
     def content_end(self, text: str) -> int:
-        head = text.lstrip()
+        head = text[len(text) - len(text.lstrip()):][:len(self.TAG)] if text[:1].isspace() else text[:len(self.TAG)]
         if not head or head.startswith("{") or head.startswith(self.TAG) or self.TAG.startswith(head):
             return 0   # may be a call: held until the output ends
         return len(text)
 
 
-class MistralParser:
+class MistralParser(_Parser):
     name = "mistral"
     MARKER = "[TOOL_CALLS]"
+
+    def _id(self) -> dict:
+        return {"id": uuid.uuid4().hex[:9]}   # Mistral's chat templates refuse other ids in the history
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         at = text.find(self.MARKER)
@@ -130,7 +145,7 @@ class MistralParser:
         values = _json_values(body) if body.strip().startswith("[") else None
         if not values or len(values) != 1 or not isinstance(values[0], list):
             return text, []
-        calls = [_call(v, "arguments") for v in values[0]]
+        calls = [self._call(v, "arguments") for v in values[0]]
         if not calls or None in calls:
             return text, []
         return _content(head), calls
@@ -154,8 +169,9 @@ def _settled(text: str, end: int) -> int:
     return end if text[:end].strip() else 0
 
 
-def make_parser(name: str):
-    return {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}[name]()
+def make_parser(name: str, tool_names=None):
+    """tool_names: the request's tools (a call to another name stays content); None accepts any name."""
+    return {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}[name](tool_names)
 
 
 def parser_for_template(chat_template: str | None) -> str:
@@ -212,8 +228,13 @@ def prompt_messages(messages: list[dict], tools: list[FunctionTool], template_kn
                       for c in calls]
             m["content"] = "\n".join(([m["content"]] if m["content"] else []) + blocks)
         if m["role"] == "tool":
-            m = {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+            response = f"<tool_response>\n{m['content']}\n</tool_response>"
+            if out and out[-1].get("tool_responses"):   # one user turn for a run of results: roles alternate
+                out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n{response}"}
+                continue
+            m = {"role": "user", "content": response, "tool_responses": True}
         out.append(m)
+    out = [{k: v for k, v in m.items() if k != "tool_responses"} for m in out]
     if tools:
         prompt = hermes_system_prompt(tools)
         if out and out[0]["role"] == "system":
@@ -225,22 +246,20 @@ def prompt_messages(messages: list[dict], tools: list[FunctionTool], template_kn
 
 def forced_call_grammar(parser_name: str, tools: list[FunctionTool], parallel: bool) -> StructuredOutput:
     """A grammar whose every output is one call (or, with parallel, one or more) of these tools in the
-    parser's format, its arguments valid against the tool's parameters."""
+    parser's format, its arguments valid against the tool's parameters (each schema its own root, so its
+    $refs resolve). ValueError for parameters nested too deeply."""
     key = "parameters" if parser_name == "llama3_json" else "arguments"
-    one = {"anyOf": [{"type": "object", "properties": {"name": {"const": t.name},
-                                                       key: closed_schema(t.parameters or {"type": "object"})},
-                      "required": ["name", key], "additionalProperties": False} for t in tools],
-           "x-guidance": {"whitespace_flexible": False}}
-    body = json.dumps(one)
+    rules = []
+    for i, t in enumerate(tools):
+        schema = closed_schema(t.parameters or {"type": "object"}) | {"x-guidance": {"whitespace_flexible": False}}
+        head = json.dumps(f'{{"name": {json.dumps(t.name)}, "{key}": ')
+        rules.append(f"tool{i}: {head} %json {json.dumps(schema)} \"}}\"")
+    call = " | ".join(f"tool{i}" for i in range(len(tools)))
     if parser_name == "hermes":
-        calls = 'call ("\\n" call)*' if parallel else "call"
-        grammar = f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {body}\n'
+        top = 'start: hermes ("\\n" hermes)*' if parallel else "start: hermes"
+        top += '\nhermes: "<tool_call>\\n" call "\\n</tool_call>"'
     elif parser_name == "llama3_json":
-        calls = 'body ("; " body)*' if parallel else "body"
-        grammar = f"start: {calls}\nbody: %json {body}\n"
+        top = 'start: call ("; " call)*' if parallel else "start: call"
     else:
-        array = {"type": "array", "items": one, "minItems": 1, "x-guidance": {"whitespace_flexible": False}}
-        if not parallel:
-            array["maxItems"] = 1
-        grammar = f"start: body\nbody: %json {json.dumps(array)}\n"
-    return StructuredOutput("grammar", grammar, "tool_choice")
+        top = 'start: "[" call (", " call)* "]"' if parallel else 'start: "[" call "]"'
+    return StructuredOutput("grammar", "\n".join([top, f"call: {call}", *rules]) + "\n", "tool_choice")

@@ -115,7 +115,7 @@ class OpenAIRoutes:
         req = parse_chat(body)
         adapter = await self._adapter_for(req.model)
         self._admit(request, 1, req.n)
-        parser = make_parser(self.tool_parser) if req.tool_choice != "none" else None
+        parser = make_parser(self.tool_parser, [t.name for t in req.tools]) if req.tool_choice != "none" else None
         messages, tools = prompt_messages(req.messages, req.tools if parser else [], self.template_knows_tools)
         try:
             prompt_ids = await self.engine.tokenize_chat(messages, tools)
@@ -128,8 +128,12 @@ class OpenAIRoutes:
         params = req.params
         if req.tool_choice in ("required", "named"):
             forced = [t for t in req.tools if req.tool_choice == "required" or t.name == req.named_tool]
-            params = dataclasses.replace(params, structured_output=forced_call_grammar(
-                self.tool_parser, forced, req.parallel_tool_calls and req.tool_choice == "required"))
+            try:
+                grammar = forced_call_grammar(self.tool_parser, forced,
+                                              req.parallel_tool_calls and req.tool_choice == "required")
+            except ValueError as e:
+                raise ApiError(400, f"tools: {e}", "tools") from None
+            params = dataclasses.replace(params, structured_output=grammar)
         reasoning = self.reasoning
         if reasoning and params.structured_output is not None and self.think_end is not None:
             params = dataclasses.replace(params, structured_output=dataclasses.replace(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from server.config import DEFAULT_MAX_CHOICES  # noqa: F401 (the routes' default, --max-choices-per-request)
 from server.errors import ModelNotFoundError, status_of
-from server.sampling import InvalidRequestError, SamplingParams, StructuredOutput
+from server.sampling import GRAMMAR_KINDS, InvalidRequestError, SamplingParams, StructuredOutput
 from server.tool_calls import FunctionTool
 
 MAX_N = 16
@@ -249,7 +249,6 @@ def _sampling_params(body: dict, max_tokens, logprobs, prompt_logprobs=None) -> 
         raise ApiError(400, str(e), e.param) from None
 
 
-_STRUCTURED_KINDS = {"json": "json", "regex": "regex", "choice": "choice", "grammar": "grammar"}
 _GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
                   "guided_grammar": "grammar"}   # vLLM's older names
 
@@ -259,14 +258,14 @@ def structured_output(body: dict) -> StructuredOutput | None:
     (one of them at most)."""
     found = []
     fmt = body.get("response_format")
-    if fmt is not None:
-        found.append(_response_format(fmt))
+    if fmt is not None and (spec := _response_format(fmt)) is not None:
+        found.append(spec)
     options = body.get("structured_outputs")
     if options is not None:
         if not isinstance(options, dict):
             raise ApiError(400, "structured_outputs must be an object with one of json, regex, choice, grammar or "
                                 "json_object", "structured_outputs")
-        unknown = sorted(set(options) - set(_STRUCTURED_KINDS) - {"json_object"})
+        unknown = sorted(set(options) - set(GRAMMAR_KINDS) - {"json_object"})
         if unknown:
             raise ApiError(400, f"structured_outputs.{unknown[0][:40]} is not supported; use one of json, regex, "
                                 "choice, grammar or json_object", f"structured_outputs.{unknown[0][:40]}")
@@ -280,7 +279,7 @@ def structured_output(body: dict) -> StructuredOutput | None:
                 raise ApiError(400, "structured_outputs.json_object must be true", "structured_outputs.json_object")
             found.append(StructuredOutput("json", '{"type": "object"}', "structured_outputs.json_object"))
         else:
-            found.append(_spec(_STRUCTURED_KINDS[key], options[key], f"structured_outputs.{key}"))
+            found.append(_spec(key, options[key], f"structured_outputs.{key}"))
     for name, kind in _GUIDED_FIELDS.items():
         if body.get(name) is not None:
             found.append(_spec(kind, body[name], name))

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from server import structured_output
 from server.sampling import InvalidRequestError, SamplingParams, StructuredOutput
-from server.structured_output import apply_grammar_masks
+from server.grammar_masks import apply_bitmasks, fill_bitmasks
 from tests.conftest import collect, random_prompts
 from tests.server.test_engine import assert_all_blocks_free, make_engine
 
@@ -34,7 +34,8 @@ def _bounded(kind: str, lo: float, span: float) -> dict:
 
 LEAVES = st.one_of(
     st.builds(_bounded, st.just("integer"), st.integers(-1000, 1000), st.integers(0, 500)),
-    st.builds(_bounded, st.just("number"), st.integers(-50, 50), st.integers(1, 100)),
+    # multipleOf bounds the digits: an unbounded fraction lets a random model write digits until max_tokens
+    st.builds(_bounded, st.just("number"), st.integers(-50, 50), st.integers(1, 100)).map(lambda s: s | {"multipleOf": 0.25}),
     st.just({"type": "boolean"}),
     st.just({"type": "null"}),
     st.lists(WORDS, min_size=1, max_size=4, unique=True).map(lambda values: {"enum": values}),
@@ -283,12 +284,12 @@ def test_masks_keep_exactly_the_allowed_tokens():
                 torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
     logits = torch.randn(3, 70)
     before = logits.clone()
-    apply_grammar_masks(logits, [0], [Matcher([0, 31, 32, 69])])
+    apply_bitmasks(logits, [0], fill_bitmasks([Matcher([0, 31, 32, 69])], 70))
     assert torch.isfinite(logits[0]).nonzero().view(-1).tolist() == [0, 31, 32, 69]
     assert torch.equal(logits[0, [0, 31, 32, 69]], before[0, [0, 31, 32, 69]])
     assert torch.equal(logits[1:], before[1:])
     logits[2, :] = -float("inf")   # nothing left after other bans: the grammar's set, evenly
-    apply_grammar_masks(logits, [2], [Matcher([5, 6])])
+    apply_bitmasks(logits, [2], fill_bitmasks([Matcher([5, 6])], 70))
     assert logits[2, 5] == logits[2, 6] == 0 and torch.isinf(logits[2]).sum() == 68
 
 

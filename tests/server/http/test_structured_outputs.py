@@ -93,6 +93,12 @@ def test_vllm_fields_on_completions(client, extra, check):
     ({"structured_outputs": {"json_object": 1}}, "structured_outputs.json_object", "must be true"),
     ({"structured_outputs": "regex"}, "structured_outputs", "must be an object"),
     ({"guided_regex": "a" * 300_000}, "guided_regex", "at most"),
+    ({"guided_json": "{\"properties\": {\"a\": " * 100 + "{}" + "}}" * 100}, "guided_json", "nested more than 64"),
+    ({"guided_json": {"$ref": "#"}}, "guided_json", "allows no output"),
+    ({"guided_grammar": "root ::= " + " | ".join(["\"x\""] * 10_000)}, "guided_grammar", "GBNF grammar may have at most"),
+    ({"guided_grammar": "\n" * 200_000 + "x"}, "guided_grammar", "Expected token"),
+    ({"guided_grammar": "root ::= foo"}, "guided_grammar", "Rule 'foo' not found"),
+    ({"guided_grammar": "root ::= " + "(" * 3000 + '"a"' + ")" * 3000}, "guided_grammar", "does not parse"),
 ])
 def test_bad_specs_are_400s_naming_the_field(live, client, body, param, says):
     r = httpx.post(live.url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES, **body})
@@ -124,3 +130,15 @@ def test_grpc_structured_output_oneof(live):
         with pytest.raises(grpc.RpcError) as e:
             stub.GenerateUnary(request)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in e.value.details(), e.value.details()
+
+
+def test_response_format_text_leaves_room_for_another_constraint(client):
+    out = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=10, temperature=0,
+                                         response_format={"type": "text"}, extra_body={"guided_choice": ["ok", "no"]})
+    assert out.choices[0].message.content in ("ok", "no")
+
+
+def test_a_gbnf_grammar_is_followed(client):
+    out = client.completions.create(model=MODEL_NAME, prompt="Answer:", max_tokens=30, temperature=1.0, seed=4,
+                                    extra_body={"guided_grammar": 'root ::= "<" [a-c]+ ">"'})
+    assert re.fullmatch("<[a-c]+>", out.choices[0].text)
