@@ -7,7 +7,6 @@ away aborts its requests, from arrival on: while they wait to start through a wa
 through the response's cancellation, non-streaming through the watcher again.
 """
 import asyncio
-import dataclasses
 import json
 import time
 import uuid
@@ -21,11 +20,12 @@ from server.errors import ModelNotFoundError, RequestFailedError, ServerBusyErro
 from server.http.protocol import (DEFAULT_MAX_CHOICES, RATE_CHARGE, ApiError, engine_refusal, model_not_found,
                                   parse_chat, parse_completion)
 from server.outputs import RequestOutput
+from server.http.assistant_turn import AssistantTurn, constrained_params
 from server.reasoning import END as REASONING_END
-from server.reasoning import ReasoningParser, ReasoningStream
+from server.reasoning import ReasoningParser
 from server.sampling import InvalidRequestError, SamplingParams
 from server.tokenizer import template_knows_tools
-from server.tool_calls import ToolCallStream, forced_call_grammar, make_parser, parser_for_template, prompt_messages
+from server.tool_calls import make_parser, parser_for_template, prompt_messages
 
 
 @dataclass
@@ -125,19 +125,8 @@ class OpenAIRoutes:
             raise ApiError(400, str(e), "messages") from None
         except Exception as e:  # a template that raises on these messages (jinja2 errors, role checks)
             raise ApiError(400, f"the chat template could not render these messages: {e}", "messages") from None
-        params = req.params
-        if req.tool_choice in ("required", "named"):
-            forced = [t for t in req.tools if req.tool_choice == "required" or t.name == req.named_tool]
-            try:
-                grammar = forced_call_grammar(self.tool_parser, forced,
-                                              req.parallel_tool_calls and req.tool_choice == "required")
-            except ValueError as e:
-                raise ApiError(400, f"tools: {e}", "tools") from None
-            params = dataclasses.replace(params, structured_output=grammar)
-        reasoning = self.reasoning
-        if reasoning and params.structured_output is not None and self.think_end is not None:
-            params = dataclasses.replace(params, structured_output=dataclasses.replace(
-                params.structured_output, start_after=self.think_end))
+        params = constrained_params(req, req.params, self.tool_parser, self.think_end if self.reasoning else None)
+        turn = AssistantTurn(parser, self.reasoning, req.parallel_tool_calls)
         choices = [Choice(j, prompt_ids, _copy_params(params, j)) for j in range(req.n)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         streams = await until_disconnect(request, self._start(rid, choices, adapter))
@@ -145,37 +134,22 @@ class OpenAIRoutes:
         def head(obj: str) -> dict:
             return {"id": rid, "object": obj, "created": created, "model": req.model or self.model_name}
 
-        def chunk(c: Choice, delta: dict, logprobs, finish: str | None) -> dict:
-            return head("chat.completion.chunk") | {"choices": [
-                {"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
-
-        def calls_of(calls: list) -> list:
-            return calls if req.parallel_tool_calls else calls[:1]
-
         if req.stream:
             async def chunks():
                 for c in choices:
-                    yield chunk(c, {"role": "assistant", "content": ""}, None, None)
-                tool_streams = {c.index: ToolCallStream(parser) for c in choices} if parser else {}
-                thinking = {c.index: ReasoningStream(reasoning) for c in choices} if reasoning else {}
+                    yield head("chat.completion.chunk") | {"choices": [
+                        {"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}]}
+                shapers = {c.index: turn.stream() for c in choices}
                 async for c, out in self._pump(choices, streams):
                     lp = {"content": self._chat_logprobs(out.logprobs)} if req.logprobs else None
-                    text = out.text
-                    if reasoning:
-                        thought, text = thinking[c.index].feed(text, out.finished)
-                        if thought:
-                            yield chunk(c, {"reasoning_content": thought}, None, None)
-                    if parser is None:
-                        if text or lp or out.finished or not reasoning:
-                            yield chunk(c, {"content": text} if text or not out.finished else {}, lp, out.finish_reason)
-                        continue
-                    text, calls = tool_streams[c.index].feed(text, out.finished)
-                    if text or lp:
-                        yield chunk(c, {"content": text}, lp, None)
-                    if out.finished:
-                        for i, call in enumerate(calls_of(calls)):
-                            yield chunk(c, {"tool_calls": [call.as_openai(i)]}, None, None)
-                        yield chunk(c, {}, None, "tool_calls" if calls else out.finish_reason)
+                    deltas = shapers[c.index].feed(out.text, out.finished, out.finish_reason)
+                    if lp and not deltas:   # text held back (a call may be starting): its logprobs still go out
+                        deltas = [({"content": ""}, None)]
+                    for i, (delta, finish) in enumerate(deltas):
+                        yield head("chat.completion.chunk") | {"choices": [
+                            {"index": c.index, "delta": delta, "logprobs": lp if i == 0 else None,
+                             "finish_reason": finish}]}
                 if req.include_usage:
                     yield head("chat.completion.chunk") | {"choices": [], "usage": self._usage(choices, req.n)}
             return sse_response(chunks(), streams)
@@ -183,15 +157,7 @@ class OpenAIRoutes:
         await self._collect(request, choices, streams)
         result = []
         for c in choices:
-            thought, text = reasoning.split(c.text) if reasoning else (None, c.text)
-            message, finish = {"role": "assistant", "content": text}, c.last.finish_reason
-            content, calls = parser.parse(text) if parser else (text, [])
-            if calls:
-                message = {"role": "assistant", "content": content or None,
-                           "tool_calls": [call.as_openai() for call in calls_of(calls)]}
-                finish = "tool_calls"
-            if thought is not None:
-                message["reasoning_content"] = thought
+            message, finish = turn.message(c.text, c.last.finish_reason)
             result.append({"index": c.index, "message": message, "finish_reason": finish,
                            "logprobs": {"content": self._chat_logprobs(c.logprobs)} if req.logprobs else None})
         return JSONResponse(head("chat.completion") | {"choices": result, "usage": self._usage(choices, req.n)})
