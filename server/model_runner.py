@@ -12,7 +12,7 @@ import torch
 from batching.scheduler import SchedulerOutput
 from server.cuda_graphs import DecodeGraphs
 from server.layers.attention import AttentionGroup, AttentionMetadata
-from server.sampling import SampledToken, SamplerRow, sample, token_logprobs
+from server.sampling import InvalidRequestError, SampledToken, SamplerRow, sample, token_logprobs
 from server.grammar_masks import fill_bitmasks
 from batching.sequence import Sequence
 
@@ -33,7 +33,8 @@ class PreparedBatch:
 class StepResult:
     sampled: dict[Sequence, SampledToken]
     prompt_logprobs: dict[Sequence, list[SampledToken]]
-    failed: dict[Sequence, str]      # rows that could not be sampled, and why; the rest of the batch goes on
+    failed: dict[Sequence, str | Exception]   # rows that could not be sampled, and why (an Exception: the error the
+                                              # request ends with); the rest of the batch goes on
 
 
 class ModelRunner:
@@ -156,9 +157,9 @@ def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: 
     return sampled, failed
 
 
-def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequence, str]):
-    """Each sampled token moves its sequence's grammar on (or arms it: the spec's start_after token); a token the
-    grammar refuses fails that sequence."""
+def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequence, str | Exception]):
+    """Each sampled token moves its sequence's grammar on (or arms it: the spec's start_after token); a grammar
+    that fails (its parser limits, a token it refuses) ends that request as a bad request naming the field."""
     for seq in [s for s in sampled if s.grammar is not None]:
         token = sampled[seq].token_id
         if not seq.grammar_armed:
@@ -166,4 +167,7 @@ def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequenc
             continue
         if seq.grammar.is_error() or not seq.grammar.consume_token(token) or seq.grammar.is_error():
             del sampled[seq]   # (a grammar past its parser limits is in error, and would otherwise look complete)
-            failed[seq] = f"the grammar failed at token {token}: {seq.grammar.get_error().splitlines()[0][:300]}"
+            spec = seq.params.structured_output
+            failed[seq] = InvalidRequestError(f"{spec.field}: the grammar failed at output token {token} (too complex "
+                                              f"for the parser's limits?): {seq.grammar.get_error().splitlines()[0][:300]}",
+                                              spec.field)

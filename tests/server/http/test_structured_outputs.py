@@ -98,6 +98,7 @@ def test_vllm_fields_on_completions(client, extra, check):
     ({"guided_grammar": "root ::= " + " | ".join(["\"x\""] * 10_000)}, "guided_grammar", "GBNF grammar may have at most"),
     ({"guided_grammar": "\n" * 200_000 + "x"}, "guided_grammar", "Expected token"),
     ({"guided_grammar": "root ::= foo"}, "guided_grammar", "Rule 'foo' not found"),
+    ({"guided_regex": "(a{1000}){1000}"}, "guided_regex", "the grammar failed at output token"),   # a lexer blow-up
     ({"guided_grammar": "root ::= " + "(" * 3000 + '"a"' + ")" * 3000}, "guided_grammar", "does not parse"),
 ])
 def test_bad_specs_are_400s_naming_the_field(live, client, body, param, says):
