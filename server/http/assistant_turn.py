@@ -22,7 +22,7 @@ class AssistantTurn:
         content, calls = self.tools.parse(text) if self.tools else (text, [])
         if calls:
             message = {"role": "assistant", "content": content or None,
-                       "tool_calls": [call.as_openai() for call in self._kept(calls)]}
+                       "tool_calls": [call.as_openai() for call in self.kept_calls(calls)]}
             finish_reason = "tool_calls"
         if thought is not None:
             message["reasoning_content"] = thought
@@ -31,7 +31,8 @@ class AssistantTurn:
     def stream(self) -> "AssistantTurnStream":
         return AssistantTurnStream(self)
 
-    def _kept(self, calls: list) -> list:
+    def kept_calls(self, calls: list) -> list:
+        """All the calls, or with parallel_tool_calls off the first."""
         return calls if self.parallel_tool_calls else calls[:1]
 
 
@@ -57,7 +58,7 @@ class AssistantTurnStream:
         if text:
             deltas.append(({"content": text}, None))
         if finished:
-            deltas += [({"tool_calls": [call.as_openai(i)]}, None) for i, call in enumerate(self.turn._kept(calls))]
+            deltas += [({"tool_calls": [call.as_openai(i)]}, None) for i, call in enumerate(self.turn.kept_calls(calls))]
             deltas.append(({}, "tool_calls" if calls else finish_reason))
         return deltas
 
