@@ -302,3 +302,23 @@ def test_a_grammar_armed_after_a_token_leaves_the_output_free_until_it(llama):
     tokens, _, last = asyncio.run(collect(engine, [5, 6, 7], params))
     assert tokens[0] == think_end and last.finish_reason == "stop"
     assert re.fullmatch("[0-9]{3}", engine.tokenizer.decode(tokens[1:]))
+
+
+def test_a_request_aborted_while_its_grammar_compiles_leaves_nothing_behind(llama, monkeypatch):
+    engine = make_engine(llama, kv_cache_tokens=2048, max_queued_requests=1)
+    real = structured_output.GrammarCompiler._compile
+    monkeypatch.setattr(structured_output.GrammarCompiler, "_compile", lambda self, spec: time.sleep(0.5) or real(self, spec))
+
+    async def main():
+        task = asyncio.create_task(collect(engine, [5, 6], constrained("regex", "[a-z]{4}", 0.0, 0)))
+        await asyncio.sleep(0.1)
+        assert engine.core.num_queued == 1   # a request waiting for its grammar holds a place in the queue
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)             # the compile finishes; nothing is admitted for the gone request
+        assert engine.core.num_queued == 0 and not engine.core._seqs
+        return await collect(engine, [7, 8], constrained("regex", "[a-z]{4}", 0.0, 0))   # the cached grammar
+    _, text, _ = asyncio.run(main())
+    assert re.fullmatch("[a-z]{4}", text)
+    assert_all_blocks_free(engine)
