@@ -28,7 +28,7 @@ from server.host_memory import keep_freed_memory
 from batching.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.loader import load_hf_config, load_model
 from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
-from server.metrics import EngineMetrics
+from server.metrics import EngineMetrics, EngineState
 from server.model_runner import ModelRunner
 from server.model_source import resolve_model
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
@@ -301,11 +301,14 @@ class EngineCore:
         return self._next_adapter_id - 1
 
     # --- state ----------------------------------------------------------------------------------
-    def _metrics_state(self) -> tuple[int, int, float, float, int, int]:
+    def _metrics_state(self) -> EngineState:
         bm = self.block_manager
-        hit_ratio = bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0
-        return (len(self.scheduler.running), len(self.scheduler.waiting) + len(self.batcher), bm.usage, hit_ratio,
-                len(self.adapters), len(self.lora_pool.resident))
+        waiting = [s for s in self._seqs.values() if s.status is SequenceStatus.WAITING]
+        return EngineState(len(self.scheduler.running), len(waiting), bm.usage,
+                           bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else 0.0,
+                           len(self.adapters), len(self.lora_pool.resident),
+                           sorted({s.lora.name for s in self.scheduler.running if s.lora is not None}),
+                           sorted({s.lora.name for s in waiting if s.lora is not None}), self.config.max_loras)
 
     @property
     def num_in_flight(self) -> int:

@@ -10,6 +10,7 @@ appends its own gauges (render_process_metrics).
 """
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -34,10 +35,23 @@ class _ModelSeries:
     generation_tokens: Counter
 
 
+@dataclass
+class EngineState:
+    """What the gauges show, read from the engine at each scrape."""
+    running: int                    # requests in the running batch
+    waiting: int                    # requests accepted and not running: queued, preempted, awaiting a grammar or slot
+    kv_cache_usage: float           # 0-1
+    prefix_cache_hit_ratio: float
+    adapters_loaded: int
+    adapters_resident: int
+    running_adapters: list[str]     # the LoRA adapters of running requests, and of waiting ones
+    waiting_adapters: list[str]
+    max_loras: int                  # adapters the device holds at once
+
+
 class EngineMetrics:
     def __init__(self, model_name: str, state):
-        """state() returns (running, waiting, kv_cache_usage, prefix_cache_hit_ratio, adapters_loaded,
-        adapters_resident), read at each scrape."""
+        """state() returns an EngineState, read at each scrape."""
         self.model_name = model_name
         self.state = state
         r = self.registry = CollectorRegistry()
@@ -58,7 +72,8 @@ class EngineMetrics:
         self.batch_size = Histogram("lmserve_batch_size", "Sequences per engine step.", buckets=_BATCH_BUCKETS,
                                     registry=r)
         self.running = Gauge("lmserve_num_requests_running", "Requests in the running batch.", registry=r)
-        self.waiting = Gauge("lmserve_num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
+        self.waiting = Gauge("lmserve_num_requests_waiting", "Requests accepted and not running: queued, preempted, "
+                             "awaiting their grammar or an adapter slot.", registry=r)
         self.kv_usage = Gauge("lmserve_kv_cache_usage_ratio", "Share of KV cache blocks in use.", registry=r)
         self.prefix_hit_ratio = Gauge("lmserve_prefix_cache_hit_ratio",
                                       "Prompt tokens served from the prefix cache over prompt tokens looked up.",
@@ -67,6 +82,12 @@ class EngineMetrics:
                                   "Bytes the model weights take on the device; part=linear: the decoder layers' "
                                   "projections (what quantization shrinks), part=all: every weight.",
                                   m + ["part"], registry=r)
+        # The Gateway API Inference Extension's LoRA-affinity metric, with vLLM's labels and meaning (its
+        # endpoint picker reads the newest series, so the value is the time it was read).
+        self.lora_requests = Gauge("lmserve_lora_requests_info", "LoRA adapters of running and waiting requests "
+                                   "(comma-separated names) and the device's adapter slots; value: when it was read "
+                                   "(Unix seconds).", ["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+                                   registry=r)
         self.lora_adapters = Gauge("lmserve_lora_adapters",
                                    "LoRA adapters by state: loaded (servable by name), resident (in the device pool).",
                                    ["state"], registry=r)
@@ -114,13 +135,16 @@ class EngineMetrics:
             self.preemptions.inc(num_preempted)
 
     def render(self) -> bytes:
-        running, waiting, kv_usage, hit_ratio, adapters_loaded, adapters_resident = self.state()
-        self.running.set(running)
-        self.waiting.set(waiting)
-        self.kv_usage.set(kv_usage)
-        self.prefix_hit_ratio.set(hit_ratio)
-        self.lora_adapters.labels("loaded").set(adapters_loaded)
-        self.lora_adapters.labels("resident").set(adapters_resident)
+        state = self.state()
+        self.running.set(state.running)
+        self.waiting.set(state.waiting)
+        self.kv_usage.set(state.kv_cache_usage)
+        self.prefix_hit_ratio.set(state.prefix_cache_hit_ratio)
+        self.lora_adapters.labels("loaded").set(state.adapters_loaded)
+        self.lora_adapters.labels("resident").set(state.adapters_resident)
+        self.lora_requests.clear()
+        self.lora_requests.labels(",".join(state.running_adapters), ",".join(state.waiting_adapters),
+                                  str(state.max_loras)).set(time.time())
         return generate_latest(self.registry)
 
 

@@ -60,3 +60,48 @@ def test_aborted_requests_are_counted_by_reason(live):
         next(r.iter_lines())
     assert live.wait_until_all_blocks_free()
     assert value(scrape(live), "lmserve_requests_finished_total", **m) - before == 1
+
+
+def test_what_routers_read_matches_the_engine_under_load_with_adapters(llama, peft_adapters):
+    """The Gateway API Inference Extension's endpoint picker reads queued requests, KV-cache use (0-1) and the
+    LoRA adapters of running and waiting requests: read from /metrics while requests for two adapters and the
+    base model run two at a time, each scrape against the engine's own state around it."""
+    import threading
+    import time
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.server.conftest import LiveServer
+    loras = [("alpha", peft_adapters["alpha"]), ("beta", peft_adapters["beta"])]
+    with LiveServer(llama, kv_cache_tokens=4096, max_batch_size=2, loras=loras, max_loras=2) as server:
+        core = server.engine.core
+
+        def engine_view():
+            waiting = [s for s in core._seqs.values() if s.status.value == "waiting"]
+            return (len(waiting), sorted({s.lora.name for s in core.scheduler.running if s.lora}),
+                    sorted({s.lora.name for s in waiting if s.lora}), core.block_manager.usage)
+
+        def send(model):
+            httpx.post(server.url + "/v1/completions", timeout=120, json={
+                "model": model, "prompt": "The quick brown fox", "max_tokens": 150, "ignore_eos": True})
+        clients = [threading.Thread(target=send, args=(m,)) for m in ["alpha", "beta", MODEL_NAME, "alpha", "beta"] * 2]
+        for c in clients:
+            c.start()
+        checked, deadline = 0, time.monotonic() + 60
+        while checked < 3 and time.monotonic() < deadline:
+            before = engine_view()
+            text = httpx.get(server.url + "/metrics", timeout=30).text
+            if engine_view() != before or not before[0]:
+                continue   # the engine moved during the scrape, or nothing waits yet: read again
+            families = {f.name: f for f in text_string_to_metric_families(text)}
+            (info,) = families["lmserve_lora_requests_info"].samples
+            assert info.labels == {"running_lora_adapters": ",".join(before[1]),
+                                   "waiting_lora_adapters": ",".join(before[2]), "max_lora": "2"}
+            assert abs(info.value - time.time()) < 30
+            assert families["lmserve_num_requests_waiting"].samples[0].value == before[0] > 0
+            assert families["lmserve_kv_cache_usage_ratio"].samples[0].value == before[3]
+            assert 0 < before[3] <= 1
+            checked += 1
+        for c in clients:
+            c.join()
+        assert checked == 3, "no stable scrape while requests waited"
