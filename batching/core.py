@@ -403,11 +403,10 @@ class EngineCore:
                 self._fail(out, exc)
                 continue
             self.num_steps += 1
-            for seq, reason in result.failed.items():
+            for seq, error in result.failed.items():
                 self._clear_blocks(seq)   # NaN / inf in its cache blocks would spread to their next owner
                 if self._seqs.get(seq.request_id) is seq:
-                    self._end_early(seq.request_id, reason if isinstance(reason, Exception) else
-                                    RequestFailedError(f"request {seq.request_id} failed: {reason}"))
+                    self._end_early(seq.request_id, error)
             for seq, scored in result.prompt_logprobs.items():
                 seq.prompt_logprobs.extend(scored)
             undelivered = [(seq, result.sampled[seq])

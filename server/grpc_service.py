@@ -20,7 +20,7 @@ from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
 from server.lora import LoRAError
 from server.outputs import RequestOutput
-from server.sampling import InvalidRequestError, SamplingParams, StructuredOutput
+from server.sampling import ANY_OBJECT_SCHEMA, InvalidRequestError, SamplingParams, StructuredOutput
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
@@ -147,7 +147,7 @@ def _structured_output(request) -> StructuredOutput | None:
     if which == "json_object":
         if not request.json_object:
             raise InvalidRequestError("json_object must be true when set", "json_object")
-        return StructuredOutput("json", '{"type": "object"}', "json_object")
+        return StructuredOutput("json", ANY_OBJECT_SCHEMA, "json_object")
     if which == "choice":
         return StructuredOutput("choice", json.dumps(list(request.choice.choices)), "choice")
     return StructuredOutput({"json_schema": "json", "regex": "regex", "grammar": "grammar"}[which],

@@ -11,6 +11,7 @@ import torch
 
 from batching.scheduler import SchedulerOutput
 from server.cuda_graphs import DecodeGraphs
+from server.errors import RequestFailedError
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.sampling import InvalidRequestError, SampledToken, SamplerRow, sample, token_logprobs
 from server.grammar_masks import fill_bitmasks
@@ -33,8 +34,8 @@ class PreparedBatch:
 class StepResult:
     sampled: dict[Sequence, SampledToken]
     prompt_logprobs: dict[Sequence, list[SampledToken]]
-    failed: dict[Sequence, str | Exception]   # rows that could not be sampled, and why (an Exception: the error the
-                                              # request ends with); the rest of the batch goes on
+    failed: dict[Sequence, Exception]   # rows that could not be sampled: the error each request ends with; the
+                                        # rest of the batch goes on
 
 
 class ModelRunner:
@@ -133,7 +134,7 @@ class ModelRunner:
 
 def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplerRow],
                               grammar_bitmask: torch.Tensor | None = None
-                              ) -> tuple[dict[Sequence, SampledToken], dict[Sequence, str]]:
+                              ) -> tuple[dict[Sequence, SampledToken], dict[Sequence, Exception]]:
     """Sample every row at once; a row whose logits are not finite, or whose sampling raises, fails alone."""
     finite = torch.isfinite(logits).all(dim=-1)
     try:
@@ -147,17 +148,21 @@ def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: 
             try:
                 sampled[seq] = sample(logits[i:i + 1], [row], mask)[0]
             except Exception as e:
-                failed[seq] = f"sampling failed: {type(e).__name__}: {e}"
+                failed[seq] = _failed(seq, f"sampling failed: {type(e).__name__}: {e}")
     else:
         failed = {}
     for seq, ok in zip(seqs, finite.tolist()):   # the device is in sync already: sample read its tokens
         if not ok:
             sampled.pop(seq, None)
-            failed[seq] = "the model's logits are NaN or infinite"
+            failed[seq] = _failed(seq, "the model's logits are NaN or infinite")
     return sampled, failed
 
 
-def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequence, str | Exception]):
+def _failed(seq: Sequence, reason: str) -> RequestFailedError:
+    return RequestFailedError(f"request {seq.request_id} failed: {reason}")
+
+
+def advance_grammars(sampled: dict[Sequence, SampledToken], failed: dict[Sequence, Exception]):
     """Each sampled token moves its sequence's grammar on (or arms it: the spec's start_after token); a grammar
     that fails (its parser limits, a token it refuses) ends that request as a bad request naming the field."""
     for seq in [s for s in sampled if s.grammar is not None]:

@@ -15,6 +15,7 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS = 300           # token ids in logit_bias, as OpenAI allows
 MAX_GRAMMAR_CHARS = 256 * 1024  # a structured-output spec's text (a JSON schema, regex, choice list or grammar)
 GRAMMAR_KINDS = ("json", "regex", "choice", "grammar")
+ANY_OBJECT_SCHEMA = '{"type": "object"}'   # the "json" spec of OpenAI's json_object: any JSON object
 _GREEDY_EPS = 1e-5
 
 
@@ -28,7 +29,7 @@ class InvalidRequestError(ValueError):
 
 @dataclass
 class StructuredOutput:
-    """A grammar the output must follow: kind "json" (spec: a JSON schema's text; '{"type": "object"}' for any
+    """A grammar the output must follow: kind "json" (spec: a JSON schema's text; ANY_OBJECT_SCHEMA for any
     object), "regex", "choice" (spec: a JSON list of strings) or "grammar" (a Lark grammar, or llama.cpp's GBNF).
     field names the request field it came from, in error messages."""
     kind: str

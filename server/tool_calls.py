@@ -18,8 +18,6 @@ from server.outputs import partial_suffix
 from server.sampling import StructuredOutput
 from server.structured_output import closed_schema
 
-PARSERS = ("hermes", "llama3_json", "mistral")
-
 
 @dataclass
 class FunctionTool:
@@ -126,7 +124,7 @@ class Llama3JsonParser(_Parser):
         return "", calls
 
     def content_end(self, text: str) -> int:
-        head = text[len(text) - len(text.lstrip()):][:len(self.TAG)] if text[:1].isspace() else text[:len(self.TAG)]
+        head = text.lstrip()
         if not head or head.startswith("{") or head.startswith(self.TAG) or self.TAG.startswith(head):
             return 0   # may be a call: held until the output ends
         return len(text)
@@ -169,9 +167,13 @@ def _settled(text: str, end: int) -> int:
     return end if text[:end].strip() else 0
 
 
+_PARSERS = {p.name: p for p in (HermesParser, Llama3JsonParser, MistralParser)}
+PARSERS = tuple(_PARSERS)
+
+
 def make_parser(name: str, tool_names=None):
     """tool_names: the request's tools (a call to another name stays content); None accepts any name."""
-    return {"hermes": HermesParser, "llama3_json": Llama3JsonParser, "mistral": MistralParser}[name](tool_names)
+    return _PARSERS[name](tool_names)
 
 
 def parser_for_template(chat_template: str | None) -> str:

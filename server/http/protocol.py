@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from server.config import DEFAULT_MAX_CHOICES  # noqa: F401 (the routes' default, --max-choices-per-request)
 from server.errors import ModelNotFoundError, status_of
-from server.sampling import GRAMMAR_KINDS, InvalidRequestError, SamplingParams, StructuredOutput
+from server.sampling import ANY_OBJECT_SCHEMA, GRAMMAR_KINDS, InvalidRequestError, SamplingParams, StructuredOutput
 from server.tool_calls import FunctionTool
 
 MAX_N = 16
@@ -277,7 +277,7 @@ def structured_output(body: dict) -> StructuredOutput | None:
         if key == "json_object":
             if options[key] is not True:
                 raise ApiError(400, "structured_outputs.json_object must be true", "structured_outputs.json_object")
-            found.append(StructuredOutput("json", '{"type": "object"}', "structured_outputs.json_object"))
+            found.append(StructuredOutput("json", ANY_OBJECT_SCHEMA, "structured_outputs.json_object"))
         else:
             found.append(_spec(key, options[key], f"structured_outputs.{key}"))
     for name, kind in _GUIDED_FIELDS.items():
@@ -294,7 +294,7 @@ def _response_format(fmt) -> StructuredOutput | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return StructuredOutput("json", '{"type": "object"}', "response_format")
+        return StructuredOutput("json", ANY_OBJECT_SCHEMA, "response_format")
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
