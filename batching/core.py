@@ -26,6 +26,7 @@ from server.errors import (EngineDeadError, ModelNotFoundError, RequestFailedErr
                            ServerBusyError, ShutdownAbortError, ShuttingDownError, error_to_wire)
 from server.host_memory import keep_freed_memory
 from batching.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
+from server.cpu_threads import release_idle_team
 from server.loader import load_hf_config, load_model
 from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
 from server.metrics import EngineMetrics, EngineState
@@ -58,6 +59,31 @@ class EngineCore:
         if self.max_model_len > hf_config.max_position_embeddings:
             raise ValueError(f"max_model_len must be at most the model's max_position_embeddings "
                              f"({hf_config.max_position_embeddings}); got {self.max_model_len}")
+        # All of the model's work runs on the step thread, loading included (server/cpu_threads.py).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
+        try:
+            self._executor.submit(self._load_model, config).result()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+        release_idle_team()
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
+        self.metrics = EngineMetrics(self.model_name, self._metrics_state)
+        self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
+        self.sink = sink or (lambda outputs: None)
+        self._rng = random.Random(config.seed)
+        self._seqs: dict[str, Sequence] = {}     # every request from add_request to its end
+        self._pinned: set[Sequence] = set()      # requests holding their adapter's device slot
+        self._awaiting_grammar = 0               # requests whose grammar is being compiled
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.num_steps = 0
+        self.draining = False
+        self.failure: BaseException | None = None    # why the step loop died, once it has
+        self.on_loop_death = None                    # called with that exception (the server exits non-zero)
+
+    def _load_model(self, config: EngineConfig):
+        """The model, its KV cache, the adapters named at start and the model runner (on the step thread)."""
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len, config.quant,
                                 config.quant_group_size, config.kernels)
         if self.model.ops.name == "triton" and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
@@ -101,21 +127,6 @@ class EngineCore:
             self.runner.decode_graphs = build_decode_graphs(self.model, kv_caches, config.max_batch_size,
                                                             self.max_model_len, config.block_size,
                                                             self.runner.pad_block)
-        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.metrics = EngineMetrics(self.model_name, self._metrics_state)
-        self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
-        self.sink = sink or (lambda outputs: None)
-        self._rng = random.Random(config.seed)
-        self._seqs: dict[str, Sequence] = {}     # every request from add_request to its end
-        self._pinned: set[Sequence] = set()      # requests holding their adapter's device slot
-        self._awaiting_grammar = 0               # requests whose grammar is being compiled
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
-        self.num_steps = 0
-        self.draining = False
-        self.failure: BaseException | None = None    # why the step loop died, once it has
-        self.on_loop_death = None                    # called with that exception (the server exits non-zero)
 
     async def call(self, method: str, *args):
         """One of CALLS by name, as the engine socket and the in-process client ask for them."""

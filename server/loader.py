@@ -91,8 +91,9 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
         if hasattr(module, "finish_loading"):
             module.finish_loading()
     if device.type == "cpu" and linear.ops.name == "torch":
-        model.lm_head.lay_out_for_cpu()   # the decoder's wide projections are laid out by fuse_for_cpu
         for module in model.modules():
+            if hasattr(module, "use_cpu_matmul"):
+                module.use_cpu_matmul()
             if hasattr(module, "fuse_for_cpu"):
                 module.fuse_for_cpu()
     model.weight_bytes = weight_bytes(model)

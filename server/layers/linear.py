@@ -9,9 +9,9 @@ weight and stores its scales in the kernels' dtype; 4-bit GPTQ is repacked into 
 layer no kernel serves is dequantized to a float weight, once. Either way the GPTQ tensors are dropped.
 """
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kernels import float_matmul_cpu
 from kernels import quant_matmul_cpu as cpu
 from kernels.quant_matmul import dequantize_gptq, is_plain_grouping, sort_act_order
 from server.layers.ops import Ops
@@ -32,15 +32,13 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _param(out_features, in_features)
         self.bias = _param(out_features) if bias else None
+        self.cpu_chunks = 0   # set at load on CPU: the weight is read in row chunks (kernels/float_matmul_cpu.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return float_matmul_cpu.float_matmul(x, self.weight, self.cpu_chunks, self.bias)
 
-    def lay_out_for_cpu(self):
-        """A wide projection (more outputs than inputs) is stored input-major: [K, N] in memory, still an
-        [N, K] view, which the CPU BLAS reads about twice as fast for a few rows of x."""
-        if self.weight.shape[0] > self.weight.shape[1]:
-            self.weight.data = self.weight.data.t().contiguous().t()
+    def use_cpu_matmul(self):
+        self.cpu_chunks = float_matmul_cpu.row_chunks(self.weight)
 
 
 class Int8Linear(nn.Module):
@@ -104,6 +102,7 @@ class GPTQLinear(nn.Module):
         # weight and scales_and_zeros, or (where it does not apply) the dequantized weight [N, K].
         self.int4_group_size: int | None = None
         self.int4_weight = self.int4_scales_and_zeros = self.weight = None
+        self.weight_chunks = 0
 
     def load_float_weight(self, w: torch.Tensor):
         q = self.quant
@@ -141,6 +140,7 @@ class GPTQLinear(nn.Module):
         else:
             w = dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, q.bits, q.zero_offset)
             self.weight = nn.Parameter(w.t().to(self.dtype).contiguous(), requires_grad=False)
+            self.weight_chunks = float_matmul_cpu.row_chunks(self.weight)
         self.qweight = self.qzeros = self.scales = self.g_idx = None
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -164,7 +164,7 @@ class GPTQLinear(nn.Module):
         if self.int4_weight is not None:
             y = cpu.int4_matmul(x, self.int4_weight, self.int4_group_size, self.int4_scales_and_zeros)
         elif self.weight is not None:
-            y = F.linear(x, self.weight)
+            y = float_matmul_cpu.float_matmul(x, self.weight, self.weight_chunks)
         else:
             y = self.ops.gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.quant.bits,
                                      self.quant.zero_offset, self.plain_group_size)
@@ -217,17 +217,16 @@ class FusedProjections:
 
 def fuse_for_cpu(linears: list[nn.Module]) -> FusedProjections | None:
     """Projections of one input (q/k/v, gate/up) as one matmul, so the CPU reads x once: float weights as one
-    input-major [K, N1 + N2 + ...] (seen as [N, K]), int8 and int4 ones on the packed kernels as one packed
-    weight with their scales. Each layer's weight becomes a view of the fused one, so nothing big is held
+    [N1 + N2 + ..., K] weight, int8 and int4 ones on the packed kernels as one packed weight with their scales. Each layer's weight becomes a view of the fused one, so nothing big is held
     twice. None for other kinds, or unless all have a bias or none has."""
     if len({type(m) for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
         return None
     sizes = [m.out_features if hasattr(m, "out_features") else m.weight.shape[0] for m in linears]
     bias = None if linears[0].bias is None else _fuse_rows([m.bias for m in linears], sizes)
     if type(linears[0]) is Linear:
-        fused = torch.cat([m.weight.data.t() for m in linears], dim=1).contiguous().t()   # [N, K], stored [K, N]
-        _as_views([m.weight for m in linears], fused, sizes)
-        return FusedProjections(lambda x: F.linear(x, fused), bias, sizes)
+        fused = _fuse_rows([m.weight for m in linears], sizes)
+        chunks = float_matmul_cpu.row_chunks(fused)
+        return FusedProjections(lambda x: float_matmul_cpu.float_matmul(x, fused, chunks), bias, sizes)
     if type(linears[0]) is Int8Linear and all(m.cpu_kernel for m in linears):
         weight = _fuse_rows([m.weight for m in linears], sizes)
         scales = _fuse_rows([m.scales for m in linears], sizes)
