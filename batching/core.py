@@ -70,6 +70,7 @@ class EngineCore:
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.metrics = EngineMetrics(self.model_name, self._metrics_state)
         self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
+        self.metrics.adapter_load_failures.inc(self._skipped_adapters)
         self.sink = sink or (lambda outputs: None)
         self._rng = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}     # every request from add_request to its end
@@ -108,6 +109,7 @@ class EngineCore:
                                   self.model.ops.add_lora)
         self.adapters: dict[str, LoRAAdapter] = {}
         self._next_adapter_id = 1
+        self._skipped_adapters = 0
         for name, path in config.loras:
             self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank))
         for name, path in _adapters_in(config.lora_dir):
@@ -118,6 +120,7 @@ class EngineCore:
                                             root=Path(config.lora_dir).resolve()))
             except LoRAError as e:
                 log.error("--lora-dir: skipped adapter %r: %s", name, e)
+                self._skipped_adapters += 1
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids,
                                   self.lora_pool)
         # bitsandbytes is left out: LLM.int8 picks its outlier columns per call (shapes that depend on the data),
@@ -275,6 +278,13 @@ class EngineCore:
 
     async def load_adapter(self, name: str, path: str) -> AdapterInfo:
         """Loads a PEFT adapter from inside --lora-dir while serving continues; LoRAError says what is wrong."""
+        try:
+            return await self._load_adapter(name, path)
+        except Exception:
+            self.metrics.adapter_load_failures.inc()
+            raise
+
+    async def _load_adapter(self, name: str, path: str) -> AdapterInfo:
         if not name or name == self.model_name or name in self.adapters:
             raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
         if self.config.lora_dir is None:
@@ -286,8 +296,14 @@ class EngineCore:
             raise LoRAError(f"the adapter path {path[:80]!r} cannot be used: {e}") from None
         if not resolved.is_relative_to(root):
             raise LoRAError(f"the adapter path {path[:80]!r} is outside --lora-dir")
-        adapter = await asyncio.to_thread(load_adapter, name, resolved, self.model.config, self._take_adapter_id(),
-                                          self.config.max_lora_rank, root)
+
+        def load():
+            try:
+                return load_adapter(name, resolved, self.model.config, self._take_adapter_id(),
+                                    self.config.max_lora_rank, root)
+            finally:
+                release_idle_team()   # this worker thread's parallel ops leave no OpenMP team behind
+        adapter = await asyncio.to_thread(load)
         if name in self.adapters:  # loaded twice at once: the first one wins
             raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
         self._register(adapter)

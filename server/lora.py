@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from server.models.model_config import ModelConfig
+from server.cpu_threads import release_idle_team
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
@@ -167,6 +168,7 @@ class LoRAPool:
                 await self._freed.wait()
             if adapter not in self.resident:
                 self._install(adapter)
+                release_idle_team()   # the copies may have run in parallel on this (the event loop's) thread
             self.resident.move_to_end(adapter)
             self.in_use[adapter] = self.in_use.get(adapter, 0) + 1
             return self.resident[adapter]

@@ -91,12 +91,17 @@ class EngineMetrics:
         self.lora_adapters = Gauge("lmserve_lora_adapters",
                                    "LoRA adapters by state: loaded (servable by name), resident (in the device pool).",
                                    ["state"], registry=r)
+        self.adapter_load_failures = Counter("lmserve_lora_adapter_load_failures",
+                                             "LoRA adapters that failed to load: skipped from --lora-dir at start, "
+                                             "or refused by /v1/load_lora_adapter.", registry=r)
         self.preemptions = Counter("lmserve_num_preemptions", "Sequences preempted for lack of KV blocks.",
                                    registry=r)
         self.rejected = Counter("lmserve_requests_rejected",
                                 "Requests refused or ended by a limit: queue_full (--max-queued-requests, never "
                                 "started) or timeout (--request-timeout, ended early; also counted as finished "
                                 "with reason abort).", ["reason"], registry=r)
+        for reason in ("queue_full", "timeout"):
+            self.rejected.labels(reason)   # at 0 from the start: alert rules see a series, not an absent one
         self._by_model: dict[str, _ModelSeries] = {}
 
     def set_weight_bytes(self, total: int, linear: int):
@@ -152,6 +157,9 @@ _process_registry = CollectorRegistry()
 _loop_tasks = Gauge("lmserve_event_loop_tasks", "Tasks alive on this API process's event loop (the scrape's own "
                     "included).", registry=_process_registry)
 _threads = Gauge("lmserve_threads", "Python threads alive in this API process.", registry=_process_registry)
+http_responses = Counter("lmserve_http_responses", "HTTP responses this API process started, by route (other: "
+                         "any path that is not a route) and status code.", ["route", "code"],
+                         registry=_process_registry)
 
 
 def render_process_metrics() -> bytes:

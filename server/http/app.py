@@ -24,6 +24,7 @@ from server.errors import ModelNotFoundError, RequestFailedError, ServerBusyErro
 from server.auth import AccessControl
 from server.http.access import AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
+from server.http.response_metrics import ResponseMetricsMiddleware
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
 from server.http.protocol import (AUDIT_DETAILS, BODY_TIMEOUT_S, DEFAULT_MAX_CHOICES, MAX_BODY_BYTES, ApiError,
                                   engine_refusal, optional_field, parse_chat)
@@ -189,8 +190,10 @@ def build_app(engine: EngineClient, access: AccessControl | None = None,
         Route("/v1/load_lora_adapter", load_adapter, methods=["POST"]),
         Route("/v1/unload_lora_adapter", unload_adapter, methods=["POST"]),
     ]
-    # installed even with no key yet: a SIGHUP can add keys to an empty --api-keys-file
-    middleware = [Middleware(AccessMiddleware, access=access)] if access is not None else []
+    # outermost, so refusals by the access check are counted too; the access check is installed even with no
+    # key yet: a SIGHUP can add keys to an empty --api-keys-file
+    middleware = [Middleware(ResponseMetricsMiddleware, routes={r.path for r in routes})]
+    middleware += [Middleware(AccessMiddleware, access=access)] if access is not None else []
     return Starlette(routes=routes, middleware=middleware, exception_handlers={
         ApiError: api_error, RequestFailedError: request_failed, HTTPException: http_error, Exception: internal_error})
 

@@ -62,6 +62,30 @@ def test_aborted_requests_are_counted_by_reason(live):
     assert value(scrape(live), "lmserve_requests_finished_total", **m) - before == 1
 
 
+def test_http_responses_are_counted_by_route_and_code(live):
+    before = scrape(live)
+    complete(live, [10, 11, 12], 2)
+    assert httpx.post(live.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": "x", "max_tokens": -1}
+                      ).status_code == 400
+    assert httpx.get(live.url + "/no/such/route?" + "x" * 100).status_code == 404
+    after = scrape(live)
+
+    def moved(route, code):
+        name = "lmserve_http_responses_total"
+        return value(after, name, route=route, code=code) - value(before, name, route=route, code=code)
+    assert moved("/v1/completions", "200") == 1 and moved("/v1/completions", "400") == 1
+    assert moved("other", "404") == 1   # a path that is no route is not a label value of its own
+    assert moved("/metrics", "200") == 1  # the first scrape, counted as it answered
+
+
+def test_adapter_load_failures_are_counted(live):
+    name = "lmserve_lora_adapter_load_failures_total"
+    before = value(scrape(live), name)
+    r = httpx.post(live.url + "/v1/load_lora_adapter", json={"lora_name": "nope", "lora_path": "missing"})
+    assert r.status_code == 400
+    assert value(scrape(live), name) - before == 1
+
+
 def test_what_routers_read_matches_the_engine_under_load_with_adapters(llama, peft_adapters):
     """The Gateway API Inference Extension's endpoint picker reads queued requests, KV-cache use (0-1) and the
     LoRA adapters of running and waiting requests: read from /metrics while requests for two adapters and the
