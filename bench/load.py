@@ -39,11 +39,13 @@ class LoadOptions:
     seed: int = 0
     progress: bool = True
     structured_fraction: float = 0.0       # this share of requests constrained by a JSON schema (bench/workload.py)
+    prefix_groups: int = 1                 # distinct shared prefixes of shared_prefix_tokens (bench/workload.py)
 
     def workload(self, models: list[str]) -> Workload:
         duration = self.duration if self.duration is not None or self.num_requests is not None else 30.0
         return Workload(self.qps, Distribution.parse(self.prompt_tokens), Distribution.parse(self.max_tokens), models,
-                        duration, self.num_requests, self.shared_prefix_tokens, self.seed, self.structured_fraction)
+                        duration, self.num_requests, self.shared_prefix_tokens, self.seed, self.structured_fraction,
+                        self.prefix_groups)
 
 
 async def run_load(options: LoadOptions) -> tuple[dict, list[RequestRecord]]:
@@ -138,7 +140,10 @@ def parse_args(argv=None) -> tuple[LoadOptions, argparse.Namespace]:
     p.add_argument("--stream", action="store_true", help="stream responses (needed for client-side TTFT and ITL)")
     p.add_argument("--prompt-tokens", default=d.prompt_tokens, help="prompt length: N, LO:HI or normal:MEAN:STD")
     p.add_argument("--max-tokens", default=d.max_tokens, help="output length (ignore_eos): N, LO:HI or normal:MEAN:STD")
-    p.add_argument("--shared-prefix-tokens", type=int, default=0, help="tokens every prompt starts with")
+    p.add_argument("--shared-prefix-tokens", type=int, default=0, help="tokens every prompt starts with (one of "
+                   "--prefix-groups prefixes)")
+    p.add_argument("--prefix-groups", type=int, default=1, help="distinct shared prefixes; each request starts with "
+                   "one drawn at random")
     p.add_argument("--adapters", default=None, help="comma-separated served names (LoRA adapters, or the base) "
                                                     "to spread requests over, round robin")
     p.add_argument("--max-in-flight", type=int, default=None, help="hold arrivals while this many are in flight")
@@ -154,7 +159,7 @@ def parse_args(argv=None) -> tuple[LoadOptions, argparse.Namespace]:
     options = LoadOptions(a.qps, a.duration, a.num_requests, a.url, a.grpc, a.metrics_url, a.model, a.stream,
                           a.prompt_tokens, a.max_tokens, a.shared_prefix_tokens,
                           a.adapters.split(",") if a.adapters else None, a.max_in_flight, a.request_timeout, a.seed,
-                          not a.no_progress, a.structured_fraction)
+                          not a.no_progress, a.structured_fraction, a.prefix_groups)
     try:
         options.workload(["x"])  # check the distributions and bounds before connecting
         if a.qps <= 0 or (a.duration is not None and a.duration <= 0) or (a.num_requests is not None and a.num_requests < 1):

@@ -84,9 +84,10 @@ class Workload:
     models: list[str]                 # each request names one of these, round robin
     duration: float | None = None
     num_requests: int | None = None
-    shared_prefix_tokens: int = 0     # every prompt starts with the same this-many tokens
+    shared_prefix_tokens: int = 0     # every prompt starts with one of prefix_groups prefixes of this many tokens
     seed: int = 0
     structured_fraction: float = 0.0  # this share of the requests, spread evenly, carry LOAD_SCHEMA
+    prefix_groups: int = 1            # distinct shared prefixes, each request's drawn at random
 
     def plan(self, vocabulary: list[int]) -> list[PlannedRequest]:
         """The requests, with prompts drawn from vocabulary (token ids the model's tokenizer produces)."""
@@ -94,11 +95,13 @@ class Workload:
             raise ValueError("the vocabulary to draw prompts from is empty")
         rng = random.Random(self.seed)
         arrivals = poisson_arrivals(rng, self.qps, self.duration, self.num_requests)
-        prefix = [rng.choice(vocabulary) for _ in range(self.shared_prefix_tokens)]
+        if self.prefix_groups < 1:
+            raise ValueError(f"prefix_groups must be at least 1; got {self.prefix_groups}")
+        prefixes = [[rng.choice(vocabulary) for _ in range(self.shared_prefix_tokens)] for _ in range(self.prefix_groups)]
         if not 0 <= self.structured_fraction <= 1:
             raise ValueError(f"structured_fraction must be in [0, 1]; got {self.structured_fraction}")
         f = self.structured_fraction
-        return [PlannedRequest(i, t, prefix + [rng.choice(vocabulary) for _ in range(self.prompt_tokens.sample(rng))],
+        return [PlannedRequest(i, t, rng.choice(prefixes) + [rng.choice(vocabulary) for _ in range(self.prompt_tokens.sample(rng))],
                                self.max_tokens.sample(rng), self.models[i % len(self.models)],
                                int((i + 1) * f) > int(i * f))
                 for i, t in enumerate(arrivals)]

@@ -26,6 +26,7 @@ class ReplicaOptions:
     replica_gpus: float | None = None   # default: 1 where CUDA is available, else 0
     max_ongoing_requests: int | None = None   # per replica, Ray's own cap (default: 2 x --max-batch-size)
     routing_stats_period_s: float = 2.0
+    prefix_routing: bool = True   # False: Ray's default router (power of two choices), for comparison
 
     def __post_init__(self):
         if self.num_replicas < 1:
@@ -46,11 +47,13 @@ def add_replica_flags(p: argparse.ArgumentParser):
                    "CUDA is available, else 0)")
     g.add_argument("--max-ongoing-requests", type=int, default=None, help="requests Ray sends one replica at once "
                    "(default: 2 x --max-batch-size)")
+    g.add_argument("--no-prefix-routing", action="store_true", help="route with Ray's default router (the shorter "
+                   "queue of two random replicas) instead of by prefix and adapter")
 
 
 def replica_options(args: argparse.Namespace) -> ReplicaOptions:
     return ReplicaOptions(args.num_replicas, args.max_replicas, args.requests_per_replica, args.replica_cpus,
-                          args.replica_gpus, args.max_ongoing_requests)
+                          args.replica_gpus, args.max_ongoing_requests, prefix_routing=not args.no_prefix_routing)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -66,10 +69,10 @@ def application(engine: EngineConfig, server: ServerConfig, replicas: ReplicaOpt
     import torch
     gpus = replicas.replica_gpus if replicas.replica_gpus is not None else float(torch.cuda.is_available())
     options = dict(ray_actor_options={"num_cpus": replicas.replica_cpus, "num_gpus": gpus},
-                   max_ongoing_requests=replicas.max_ongoing_requests or 2 * engine.max_batch_size,
-                   request_router_config=RequestRouterConfig(
-                       request_router_class=PrefixAffinityRouter,
-                       request_routing_stats_period_s=replicas.routing_stats_period_s))
+                   max_ongoing_requests=replicas.max_ongoing_requests or 2 * engine.max_batch_size)
+    if replicas.prefix_routing:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=PrefixAffinityRouter, request_routing_stats_period_s=replicas.routing_stats_period_s)
     if replicas.max_replicas is not None and replicas.max_replicas > replicas.num_replicas:
         policy = AutoscalingPolicy(policy_function=WaitingRequestsPolicy,
                                    policy_kwargs={"requests_per_replica": replicas.requests_per_replica
