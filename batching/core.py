@@ -297,10 +297,11 @@ class EngineCore:
         if not resolved.is_relative_to(root):
             raise LoRAError(f"the adapter path {path[:80]!r} is outside --lora-dir")
 
+        adapter_id = self._take_adapter_id()   # here, on the loop: two loads at once never share an id
+
         def load():
             try:
-                return load_adapter(name, resolved, self.model.config, self._take_adapter_id(),
-                                    self.config.max_lora_rank, root)
+                return load_adapter(name, resolved, self.model.config, adapter_id, self.config.max_lora_rank, root)
             finally:
                 release_idle_team()   # this worker thread's parallel ops leave no OpenMP team behind
         adapter = await asyncio.to_thread(load)

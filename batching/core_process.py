@@ -45,9 +45,8 @@ def die_with_parent():
 
 def run_engine_core(config: EngineConfig, address: str, log_level: str = "info", api_processes: int = 1):
     """The process's entry point (multiprocessing, spawn). On a CPU device the model's torch threads take every core
-    but one for each API process past the first: the first mostly waits on its sockets and shares a core well
-    (on 2 cores, 2 threads decode 1.8-2.4x faster than 1 beside it), while more API processes under load would
-    take turns with the step's threads on every core."""
+    but one for each API process past the first: the first mostly waits on its sockets and shares a core well,
+    while more API processes under load would take turns with the step's threads on every core."""
     from batching.core import resolve_device
     die_with_parent()
     if resolve_device(config.device).type == "cpu":

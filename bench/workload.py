@@ -101,7 +101,9 @@ class Workload:
         if not 0 <= self.structured_fraction <= 1:
             raise ValueError(f"structured_fraction must be in [0, 1]; got {self.structured_fraction}")
         f = self.structured_fraction
-        return [PlannedRequest(i, t, rng.choice(prefixes) + [rng.choice(vocabulary) for _ in range(self.prompt_tokens.sample(rng))],
+        def prefix() -> list[int]:   # one group draws nothing: seeded workloads stay as they were
+            return prefixes[0] if len(prefixes) == 1 else rng.choice(prefixes)
+        return [PlannedRequest(i, t, prefix() + [rng.choice(vocabulary) for _ in range(self.prompt_tokens.sample(rng))],
                                self.max_tokens.sample(rng), self.models[i % len(self.models)],
                                int((i + 1) * f) > int(i * f))
                 for i, t in enumerate(arrivals)]

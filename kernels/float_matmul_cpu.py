@@ -17,19 +17,22 @@ MAX_CHUNKED_ROWS = 256
 
 def row_chunks(weight: torch.Tensor, threads: int | None = None) -> int:
     """How many row chunks this weight is read in (0: plain F.linear): the largest count up to the number of
-    threads that divides the rows, for a contiguous float32 weight on CPU and at least two threads."""
+    threads that divides the rows, if it keeps at least half the threads busy, for a contiguous float32 weight
+    on CPU and at least two threads."""
     threads = threads or torch.get_num_threads()
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous() or threads < 2:
         return 0
-    return next((c for c in range(threads, 1, -1) if weight.shape[0] % c == 0), 0)
+    return next((c for c in range(threads, max(2, threads // 2) - 1, -1) if weight.shape[0] % c == 0), 0)
 
 
 def float_matmul(x: torch.Tensor, weight: torch.Tensor, chunks: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., K]; weight: [N, K]; returns x @ weight.T (+ bias): [..., N]
+    if not chunks:
+        return F.linear(x, weight, bias)
     N, K = weight.shape
     rows = x.reshape(-1, K)
     M = rows.shape[0]
-    if not chunks or M > MAX_CHUNKED_ROWS:
+    if M > MAX_CHUNKED_ROWS:
         return F.linear(x, weight, bias)
     w = weight.view(chunks, N // chunks, K)
     if M <= MAX_GEMV_ROWS:

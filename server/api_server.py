@@ -67,7 +67,8 @@ async def serve_api(args: ServerConfig, engine, access, primary: bool,
         log.warning("the open-file limit is %d: fewer than --max-connections %d connections can be held",
                     open_files, args.max_connections)
     protocol = guarded_protocol(args.max_connections, args.header_timeout, args.max_header_bytes)
-    app = build_app(engine, access, args.max_choices_per_request, args.tool_call_parser, args.reasoning_parser)
+    app = build_app(engine, access, args.max_choices_per_request, args.tool_call_parser, args.reasoning_parser,
+                    args.open_metrics)
     config = uvicorn.Config(app, host=args.host, port=args.port,
                             log_level=args.log_level, access_log=False, timeout_graceful_shutdown=1, http=protocol,
                             timeout_keep_alive=args.keep_alive_timeout)

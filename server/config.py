@@ -149,6 +149,9 @@ class ServerConfig:
     api_keys_file: str | None = setting(None, "more keys, one per line: `KEY ROLE [REQUESTS_PER_MINUTE]` with ROLE "
                                         "user or admin (admin may load and unload adapters); SIGHUP re-reads it (a "
                                         "removed key is revoked)", metavar="FILE")
+    open_metrics: bool = setting(False, "serve /metrics without an API key when keys are required, for scrapers "
+                                 "that send none (Prometheus without credentials, the Gateway API Inference "
+                                 "Extension's endpoint picker)", action="store_true")
     audit_log: str | None = setting(None, "append JSON lines of auth failures, rate-limit hits and adapter "
                                     "loads/unloads (time, key id, client, action, outcome); keys appear only as a "
                                     "hash", metavar="FILE")

@@ -157,8 +157,8 @@ _process_registry = CollectorRegistry()
 _loop_tasks = Gauge("lmserve_event_loop_tasks", "Tasks alive on this API process's event loop (the scrape's own "
                     "included).", registry=_process_registry)
 _threads = Gauge("lmserve_threads", "Python threads alive in this API process.", registry=_process_registry)
-http_responses = Counter("lmserve_http_responses", "HTTP responses this API process started, by route (other: "
-                         "any path that is not a route) and status code.", ["route", "code"],
+http_responses = Counter("lmserve_http_responses", "HTTP responses this API process (pid) started, by route "
+                         "(other: any path that is not a route) and status code.", ["pid", "route", "code"],
                          registry=_process_registry)
 
 

@@ -14,11 +14,11 @@ _REFUSALS = {"unauthenticated": (401, "invalid_request_error", "invalid_api_key"
 
 
 class AccessMiddleware:
-    def __init__(self, app, access: AccessControl):
-        self.app, self.access = app, access
+    def __init__(self, app, access: AccessControl, open_paths: set[str] = OPEN_PATHS):
+        self.app, self.access, self.open_paths = app, access, open_paths
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not self.access.enabled or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.access.enabled or scope["path"] in self.open_paths:
             return await self.app(scope, receive, send)
         path = scope["path"]
         authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")

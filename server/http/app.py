@@ -22,7 +22,7 @@ from starlette.routing import Route
 from server.engine_client import EngineClient
 from server.errors import ModelNotFoundError, RequestFailedError, ServerBusyError, ShuttingDownError
 from server.auth import AccessControl
-from server.http.access import AccessMiddleware
+from server.http.access import OPEN_PATHS, AccessMiddleware
 from server.http.adapter_routes import load_lora_adapter, unload_lora_adapter
 from server.http.response_metrics import ResponseMetricsMiddleware
 from server.http.openai_routes import OpenAIRoutes, sse_response, until_disconnect
@@ -68,8 +68,9 @@ async def json_body(request: Request) -> dict:
 
 def build_app(engine: EngineClient, access: AccessControl | None = None,
               max_choices_per_request: int = DEFAULT_MAX_CHOICES, tool_call_parser: str = "auto",
-              reasoning_parser: str | None = None) -> Starlette:
-    """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
+              reasoning_parser: str | None = None, open_metrics: bool = False) -> Starlette:
+    """access: API keys, roles and rate limits (server/auth.py); None serves everyone. open_metrics: /metrics
+    needs no key either."""
     model_name = engine.model_name
     openai = OpenAIRoutes(engine, model_name, max_choices_per_request, tool_call_parser, reasoning_parser)
     created = int(time.time())
@@ -193,7 +194,8 @@ def build_app(engine: EngineClient, access: AccessControl | None = None,
     # outermost, so refusals by the access check are counted too; the access check is installed even with no
     # key yet: a SIGHUP can add keys to an empty --api-keys-file
     middleware = [Middleware(ResponseMetricsMiddleware, routes={r.path for r in routes})]
-    middleware += [Middleware(AccessMiddleware, access=access)] if access is not None else []
+    open_paths = OPEN_PATHS | ({"/metrics"} if open_metrics else set())
+    middleware += [Middleware(AccessMiddleware, access=access, open_paths=open_paths)] if access is not None else []
     return Starlette(routes=routes, middleware=middleware, exception_handlers={
         ApiError: api_error, RequestFailedError: request_failed, HTTPException: http_error, Exception: internal_error})
 

@@ -217,8 +217,9 @@ class FusedProjections:
 
 def fuse_for_cpu(linears: list[nn.Module]) -> FusedProjections | None:
     """Projections of one input (q/k/v, gate/up) as one matmul, so the CPU reads x once: float weights as one
-    [N1 + N2 + ..., K] weight, int8 and int4 ones on the packed kernels as one packed weight with their scales. Each layer's weight becomes a view of the fused one, so nothing big is held
-    twice. None for other kinds, or unless all have a bias or none has."""
+    [N1 + N2 + ..., K] weight, int8 and int4 ones on the packed kernels as one packed weight with their scales.
+    Each layer's weight becomes a view of the fused one, so nothing big is held twice. None for other kinds, or
+    unless all have a bias or none has."""
     if len({type(m) for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
         return None
     sizes = [m.out_features if hasattr(m, "out_features") else m.weight.shape[0] for m in linears]

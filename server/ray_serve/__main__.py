@@ -1,6 +1,7 @@
 """python -m server.ray_serve --num-replicas N [every python -m server flag]: lmserve on a local (or, with
 RAY_ADDRESS, an existing) Ray cluster, serving HTTP on --host/--port until SIGINT or SIGTERM."""
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ def main(argv=None):
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    joined = bool(os.environ.get("RAY_ADDRESS"))   # a cluster of someone else's: leave its other apps running
     ray.init(include_dashboard=False, logging_level=logging.WARNING)
     try:
         serve.start(http_options={"host": server.host, "port": server.port})
@@ -31,7 +33,10 @@ def main(argv=None):
         stop.wait()
         log.info("shutting down")
     finally:
-        serve.shutdown()
+        if joined:
+            serve.delete("lmserve")
+        else:
+            serve.shutdown()
         ray.shutdown()
 
 

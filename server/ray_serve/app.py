@@ -31,6 +31,8 @@ class ReplicaOptions:
     def __post_init__(self):
         if self.num_replicas < 1:
             raise ValueError(f"num_replicas must be at least 1; got {self.num_replicas}")
+        if self.requests_per_replica is not None and self.requests_per_replica < 1:
+            raise ValueError(f"requests_per_replica must be at least 1; got {self.requests_per_replica}")
         if self.max_replicas is not None and self.max_replicas < self.num_replicas:
             raise ValueError(f"max_replicas must be at least num_replicas ({self.num_replicas}); got {self.max_replicas}")
 
@@ -90,8 +92,8 @@ def application(engine: EngineConfig, server: ServerConfig, replicas: ReplicaOpt
 def build_app(args: dict[str, str]):
     """For `serve run server.ray_serve.app:build_app key=value ...`: the flags of python -m server.ray_serve."""
     argv = []
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
+    for key, value in args.items():   # strings from `serve run`; a config file's YAML may give numbers or booleans
+        flag, value = "--" + key.replace("_", "-"), str(value)
         argv += [flag] if value.lower() == "true" else [] if value.lower() == "false" else [flag, value]
     parsed = parser().parse_args(argv)
     return application(from_flags(EngineConfig, parsed), from_flags(ServerConfig, parsed), replica_options(parsed))

@@ -32,14 +32,15 @@ class EngineReplica:
         self.engine = in_process_engine(engine_config)
         access = build_access(server_config.api_key, server_config.api_keys_file, server_config.audit_log)
         self.app = build_app(self.engine, access, server_config.max_choices_per_request,
-                             server_config.tool_call_parser, server_config.reasoning_parser)
+                             server_config.tool_call_parser, server_config.reasoning_parser,
+                             server_config.open_metrics)
         self.name = serve.get_replica_context().replica_tag
 
     async def forward(self, call: HttpCall):
         """Runs the request through this replica's app; yields (status, headers), then the body's chunks."""
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": call.method,
                  "scheme": "http", "path": call.path, "raw_path": call.path.encode(), "root_path": "",
-                 "query_string": call.query_string, "headers": call.headers, "client": None, "server": None}
+                 "query_string": call.query_string, "headers": call.headers, "client": call.client, "server": None}
         sent: asyncio.Queue = asyncio.Queue()
         left = asyncio.Event()
         body_read = False
@@ -53,6 +54,7 @@ class EngineReplica:
             return {"type": "http.disconnect"}
 
         app = asyncio.ensure_future(self.app(scope, receive, sent.put))
+        getter = None
         try:
             while True:
                 if sent.empty():
@@ -75,23 +77,28 @@ class EngineReplica:
                     if not m.get("more_body"):
                         return
         finally:   # also when the ingress's call is cancelled: the app sees its client leave
+            if getter is not None:
+                getter.cancel()
             left.set()
             try:
                 await asyncio.wait_for(app, timeout=30)
             except Exception:
                 pass
 
-    def _state(self):
-        return self.engine.core._metrics_state()
-
-    def record_routing_stats(self) -> dict:
+    # async, so Ray runs them on the replica's event loop, which owns the engine's state (sync ones run on a thread)
+    async def record_routing_stats(self) -> dict:
         core = self.engine.core
-        return {"loaded_adapters": sorted(core.adapters), "resident_adapters": sorted(a.name for a in core.lora_pool.resident),
-                "waiting": self._state().waiting}
+        return {"loaded_adapters": sorted(core.adapters), "waiting": core._metrics_state().waiting,
+                "resident_adapters": sorted(a.name for a in core.lora_pool.resident)}
 
-    def record_autoscaling_stats(self) -> dict:
-        state = self._state()
+    async def record_autoscaling_stats(self) -> dict:
+        state = self.engine.core._metrics_state()
         return {"running": float(state.running), "waiting": float(state.waiting)}
+
+    async def check_health(self):
+        """Ray replaces a replica whose engine died (its step loop failed) instead of routing to it."""
+        if not self.engine.health():
+            raise RuntimeError("the engine of this replica is dead")
 
     async def __del__(self):
         await self.engine.shutdown()
@@ -126,15 +133,19 @@ class Ingress:
             return Response(status_code=499)
         prompt, model = routing_fields(body)
         call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
-                        body, prompt, model, request.headers.get(REPLICA_HEADER))
+                        body, prompt, model, request.headers.get(REPLICA_HEADER),
+                        tuple(request.client) if request.client else None)
         stream = self.engine.options(stream=True).forward.remote(call)
         try:
-            status, headers = await stream.__anext__()
+            status, headers = await stream.__anext__()   # a whole generation, when the answer is not streamed
         except Exception as e:   # no replica could take it, or the replica failed before answering
             stream.cancel()
             log.warning("request to %s failed before its answer began: %s", call.path, e)
             return JSONResponse(ApiError(503, f"no engine replica could serve the request: {type(e).__name__}",
                                          type_="service_unavailable").body(), 503)
+        except BaseException:   # cancelled: the client left; Ray does not pass that on to the replica's call
+            stream.cancel()
+            raise
         return RelayedResponse(status, headers, _chunks(stream))
 
 

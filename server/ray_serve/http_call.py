@@ -15,6 +15,7 @@ class HttpCall:
     prompt: str               # the prompt's text (a chat's messages in order), for prefix affinity; "" if none
     model: str | None         # the model the request names: the base model's or a LoRA adapter's name
     replica: str | None       # the replica the client asked for (header x-lmserve-replica), e.g. to scrape it
+    client: tuple[str, int] | None = None   # the client's address, as the ingress saw it (for the audit log)
 
 
 def routing_fields(body: bytes) -> tuple[str, str | None]:
@@ -22,7 +23,7 @@ def routing_fields(body: bytes) -> tuple[str, str | None]:
     route: the replica parses and checks the request itself."""
     try:
         request = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):   # the replica answers 400 for these
         return "", None
     if not isinstance(request, dict):
         return "", None
@@ -46,7 +47,7 @@ def _text(prompt, messages) -> str:
         for m in messages:
             content = m.get("content") if isinstance(m, dict) else None
             if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+                content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
             if isinstance(content, str):
                 parts.append(f"{m.get('role')}:{content}\n")
         return "".join(parts)

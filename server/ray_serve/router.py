@@ -2,17 +2,18 @@
 prompt's prefix in its KV cache, and a LoRA request to a replica holding its adapter, unless that replica's
 queue is much longer than the shortest.
 
-The router runs in Ray Serve's proxy. It cuts each prompt's text into blocks of `block_chars` characters and
-remembers, for the hash of every leading run of blocks, the replica that last served it (an LRU of
-`max_prefixes`). A request goes, in order of preference, to the replica it names (x-lmserve-replica), to the
-replica with its longest remembered prefix, to replicas where its adapter is resident or loaded (their
-routing stats, engine.py), then to the others by queue length, ties spread round-robin so new prefixes
-spread over the replicas. Ray picks the shortest queue within the first group that has room.
+The router runs where the engine replicas' handle is held: in the ingress. It cuts each prompt's text into
+blocks of `block_chars` characters and remembers, for the hash of every leading run of blocks, the replica that
+last served it (an LRU of `max_prefixes`). A request goes, in order of preference, to the replica it names
+(x-lmserve-replica), to the replica with its longest remembered prefix, to replicas where its adapter is
+resident or loaded (their routing stats, deployments.py), then to the others by queue length, ties spread
+round-robin so new prefixes spread over the replicas. Ray picks the shortest queue within the first group that
+has room. With several ingress replicas, each keeps its own table.
 """
 import itertools
 from collections import OrderedDict
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from server.ray_serve.http_call import HttpCall
 
@@ -22,7 +23,7 @@ def prefix_hashes(text: str, block_chars: int, max_blocks: int) -> list[int]:
     return [hash(text[:end]) for end in range(block_chars, min(len(text), block_chars * max_blocks) + 1, block_chars)]
 
 
-class PrefixAffinityRouter(FIFOMixin, RequestRouter):
+class PrefixAffinityRouter(RequestRouter):
     def initialize_state(self, block_chars: int = 64, max_blocks: int = 128, max_prefixes: int = 100_000,
                          max_imbalance: int = 8):
         """max_imbalance: how many more requests in flight than the least loaded replica a replica may hold and

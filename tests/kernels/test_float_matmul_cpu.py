@@ -28,5 +28,6 @@ def test_row_chunks():
     assert row_chunks(torch.empty(9, 4), threads=4) == 3      # the largest count up to the threads that divides N
     assert row_chunks(torch.empty(7, 4), threads=4) == 0      # a prime number of rows: plain F.linear
     assert row_chunks(torch.empty(12, 4), threads=1) == 0
+    assert row_chunks(torch.empty(2 * 17, 4), threads=16) == 0   # 2 chunks would leave 14 of 16 threads idle
     assert row_chunks(torch.empty(12, 4, dtype=torch.bfloat16), threads=4) == 0
     assert row_chunks(torch.empty(4, 12).t(), threads=4) == 0  # not contiguous: the chunks would not be views

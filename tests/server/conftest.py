@@ -34,7 +34,7 @@ class LiveServer:
     event loop, where tests can reach into it through engine.core."""
 
     def __init__(self, model_path: str, access=None, multiprocess: bool = False, tool_call_parser: str = "auto",
-                 reasoning_parser: str | None = None, **engine_kwargs):
+                 reasoning_parser: str | None = None, open_metrics: bool = False, **engine_kwargs):
         config = EngineConfig(model=model_path, served_model_name=MODEL_NAME, max_wait_ms=1, **engine_kwargs)
         self.multiprocess = multiprocess
         if multiprocess:
@@ -47,6 +47,7 @@ class LiveServer:
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.access = access
         self.tool_call_parser, self.reasoning_parser = tool_call_parser, reasoning_parser
+        self.open_metrics = open_metrics
         self.server: uvicorn.Server | None = None
         self.thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
 
@@ -54,7 +55,7 @@ class LiveServer:
         if self.multiprocess:
             self.engine = await MultiprocessEngineClient.connect(self.address, process=self.core_process, timeout=120)
         app = build_app(self.engine, self.access, tool_call_parser=self.tool_call_parser,
-                        reasoning_parser=self.reasoning_parser)
+                        reasoning_parser=self.reasoning_parser, open_metrics=self.open_metrics)
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                 log_level="warning", loop="asyncio")
         self.server = uvicorn.Server(config)

@@ -183,3 +183,13 @@ def test_keys_added_to_an_empty_keys_file_are_enforced_after_reload(llama, tmp_p
                 pb_grpc.InferenceStub(channel).GenerateUnary(pb.GenerateRequest(text="Hi", sampling=pb.SamplingParameters(
                     max_tokens=1)))
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_open_metrics_serves_metrics_without_a_key_and_nothing_else(llama, tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text(f"{USER} user\n")
+    with LiveServer(llama, access=build_access([], str(keys), None), open_metrics=True, kv_cache_tokens=2048) as server:
+        assert httpx.get(server.url + "/metrics").status_code == 200
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        assert _post(server, "/v1/completions", None, {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 1}
+                     ).status_code == 401

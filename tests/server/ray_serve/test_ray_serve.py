@@ -125,3 +125,19 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request_on_the_replica(ray_u
     else:
         pytest.fail("the replica did not abort the request its client left")
     assert metric(after, "lmserve_num_requests_running") == 0
+
+
+def test_a_client_that_leaves_before_the_first_byte_aborts_its_request_on_the_replica(ray_url):
+    names = {httpx.get(ray_url + "/health").headers[HEADER] for _ in range(12)}
+
+    def aborted() -> float:
+        return sum(metric(httpx.get(ray_url + "/metrics", headers={HEADER: n}).text, "lmserve_requests_finished_total",
+                          finished_reason="abort") for n in names)
+    before = aborted()
+    body = {"model": MODEL_NAME, "prompt": "Go on and on", "max_tokens": 490, "ignore_eos": True}   # not streamed
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(ray_url + "/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 30
+    while aborted() == before:
+        assert time.monotonic() < deadline, "the replica did not abort the request its client left"
+        time.sleep(0.2)
