@@ -19,13 +19,20 @@ log = logging.getLogger(__name__)
 
 @functools.cache
 def _openmp_runtime() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime PyTorch's wheel ships and has loaded, or None (another runtime, or none)."""
+    """The GNU OpenMP runtime this process has loaded for PyTorch, or None (another runtime, or none). LLVM's and
+    Intel's runtimes are left alone: their pause reaches every thread's team, mid-region ones included."""
     if torch.__config__.parallel_info().find("ATen parallel backend: OpenMP") < 0:
         return None
-    libs = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    torch_dir = str(Path(torch.__file__).resolve().parent.parent)
     try:
-        return ctypes.CDLL(str(libs[0]), mode=os.RTLD_NOLOAD) if libs else None
-    except OSError:   # not loaded by this process: torch uses another runtime
+        with open("/proc/self/maps") as maps:
+            loaded = sorted({line.split()[-1] for line in maps if "/libgomp" in line})
+    except OSError:   # not Linux
+        return None
+    ours = [p for p in loaded if p.startswith(torch_dir)] or loaded   # torch's own copy (lib/ or torch.libs/) first
+    try:
+        return ctypes.CDLL(ours[0], mode=os.RTLD_NOLOAD) if ours else None
+    except OSError:
         return None
 
 

@@ -4,11 +4,11 @@ import sys
 import pytest
 import torch
 
-from server.cpu_threads import release_idle_team
+from server.cpu_threads import _openmp_runtime, release_idle_team
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.get_num_threads() < 2,
-                    reason="counts this process's threads in /proc; needs an OpenMP team of two or more")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.get_num_threads() < 2 or _openmp_runtime() is None,
+                    reason="counts this process's threads in /proc; needs GNU OpenMP and a team of two or more")
 def test_release_idle_team_ends_the_calling_threads_openmp_threads():
     def threads() -> int:
         return len(os.listdir("/proc/self/task"))
@@ -20,3 +20,28 @@ def test_release_idle_team_ends_the_calling_threads_openmp_threads():
     release_idle_team()
     assert threads() == before
     torch.randn(1 << 20).mul(2).sum()   # and a later parallel op still runs, on a new team
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or torch.get_num_threads() < 2 or _openmp_runtime() is None,
+                    reason="counts this process's threads in /proc; needs GNU OpenMP and a team of two or more")
+def test_release_leaves_other_threads_teams_alone():
+    import threading
+
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    release_idle_team()
+    started, stop = threading.Event(), threading.Event()
+
+    def other():
+        torch.randn(1 << 20).mul(2).sum()   # this thread's own team
+        started.set()
+        stop.wait()
+    worker = threading.Thread(target=other)
+    worker.start()
+    started.wait()
+    with_other_team = threads()
+    release_idle_team()                   # the main thread has no team: nothing of the other's ends
+    assert threads() == with_other_team
+    stop.set()
+    worker.join()
