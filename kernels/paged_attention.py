@@ -22,8 +22,9 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
         slots, k, v = slots[written], k[written], v[written]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
-    out = torch.empty_like(q)
-    for g in meta.merged_groups():
+    groups = meta.merged_groups()
+    out = None
+    for g in groups:
         batch, num_queries = g.shape
         rows = g.tokens if isinstance(g.tokens, slice) else g.tokens.view(-1)   # -1: padding (reads row -1)
         qs = q[rows].view(batch, num_queries, *q.shape[1:]).transpose(1, 2)   # [B, Hq, Q, Dh]
@@ -35,12 +36,16 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask(window, block_size), scale=scale,
                                            enable_gqa=num_kv_heads != q.shape[1])
         o = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        if len(groups) == 1 and isinstance(rows, slice) and o.shape[0] == q.shape[0]:
+            return o   # one group of every row (a decode step): o is the output, in row order
+        if out is None:
+            out = torch.empty_like(q)
         if isinstance(rows, slice):
             out[rows] = o
         else:
             real = rows >= 0
             out[rows[real]] = o[real]
-    return out
+    return out if out is not None else torch.empty_like(q)
 
 
 @triton.jit

@@ -36,7 +36,22 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, Dh]
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
+        if ops.name == "torch":
+            # sin with its first half negated: rotate_half(x) * sin is x.roll(Dh / 2) * signed_sin, to the bit
+            half = head_dim // 2
+            self.register_buffer("signed_sin", torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1),
+                                 persistent=False)
+        self._step: tuple | None = None   # (positions, cos, signed_sin) gathered for the forward being run
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         # positions: [T]; q: [T, Hq, Dh]; k: [T, Hkv, Dh]
-        return self.ops.rotary(positions, q, k, self.cos, self.sin)
+        if self.ops.name != "torch":
+            return self.ops.rotary(positions, q, k, self.cos, self.sin)
+        # The torch ops (kernels/rotary.py's reference, in fewer ops): every layer of a forward rotates by the
+        # same positions, so their rows are gathered once, by the first layer.
+        if self._step is None or self._step[0] is not positions or self._step[1].dtype != q.dtype:
+            self._step = (positions, self.cos[positions].to(q.dtype).unsqueeze(1),
+                          self.signed_sin[positions].to(q.dtype).unsqueeze(1))
+        _, c, s = self._step
+        half = q.shape[-1] // 2
+        return q * c + q.roll(half, -1) * s, k * c + k.roll(half, -1) * s
