@@ -92,10 +92,11 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
             module.finish_loading()
     if device.type == "cpu" and linear.ops.name == "torch":
         for module in model.modules():
-            if hasattr(module, "use_cpu_matmul"):
-                module.use_cpu_matmul()
             if hasattr(module, "fuse_for_cpu"):
                 module.fuse_for_cpu()
+        for module in model.modules():   # after fusing: the chunks are views of each weight's final storage
+            if hasattr(module, "use_cpu_matmul"):
+                module.use_cpu_matmul()
     model.weight_bytes = weight_bytes(model)
     model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
                                     if name.endswith("_proj") and "." in name)

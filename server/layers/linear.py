@@ -32,7 +32,7 @@ class Linear(nn.Module):
         super().__init__()
         self.weight = _param(out_features, in_features)
         self.bias = _param(out_features) if bias else None
-        self.cpu_chunks = 0   # set at load on CPU: the weight is read in row chunks (kernels/float_matmul_cpu.py)
+        self.cpu_chunks = None   # set at load on CPU: the weight as row chunks (kernels/float_matmul_cpu.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return float_matmul_cpu.float_matmul(x, self.weight, self.cpu_chunks, self.bias)
@@ -102,7 +102,7 @@ class GPTQLinear(nn.Module):
         # weight and scales_and_zeros, or (where it does not apply) the dequantized weight [N, K].
         self.int4_group_size: int | None = None
         self.int4_weight = self.int4_scales_and_zeros = self.weight = None
-        self.weight_chunks = 0
+        self.weight_chunks = None
 
     def load_float_weight(self, w: torch.Tensor):
         q = self.quant
