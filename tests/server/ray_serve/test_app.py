@@ -11,10 +11,29 @@ from ray.serve import Application  # noqa: E402
 from server.ray_serve.app import ReplicaOptions, build_app, parser, replica_options  # noqa: E402
 
 
+def engine_deployment(app: Application):
+    return app._bound_deployment.init_args[0]._bound_deployment   # the ingress is bound to the engine replicas
+
+
 def test_build_app_takes_every_server_flag_as_key_value():
     app = build_app({"model": "tiny", "num_replicas": "2", "max_replicas": "4", "max_batch_size": "8",
                      "enforce-eager": "true", "no_prefix_routing": "false", "replica_gpus": "0"})
-    assert isinstance(app, Application)
+    assert isinstance(app, Application) and app._bound_deployment.name == "lmserve-ingress"
+    engine = engine_deployment(app)
+    config = engine._deployment_config
+    engine_config, _ = engine.init_args
+    assert engine.name == "lmserve-engine" and engine_config.max_batch_size == 8 and engine_config.enforce_eager
+    assert config.max_ongoing_requests == 16   # 2 x --max-batch-size
+    assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (2, 4)
+    assert config.request_router_config.request_router_class.endswith("router.PrefixAffinityRouter")
+    assert engine.ray_actor_options == {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+def test_fixed_replicas_and_rays_own_router():
+    config = engine_deployment(build_app({"model": "tiny", "num_replicas": "3", "no_prefix_routing": True,
+                                          "replica_gpus": 0}))._deployment_config
+    assert config.num_replicas == 3 and config.autoscaling_config is None
+    assert "PowerOfTwoChoices" in config.request_router_config.request_router_class
 
 
 def test_bad_options_are_refused():
