@@ -16,6 +16,7 @@ from server.auth import AccessControl
 from server.engine_client import EngineClient
 from server.errors import ModelNotFoundError, RequestFailedError, ShutdownAbortError, status_of
 from server.grpc_access import AccessInterceptor
+from server.grpc_metrics import ResponseMetricsInterceptor
 from server.grpc_gen import inference_pb2 as pb
 from server.grpc_gen import inference_pb2_grpc as pb_grpc
 from server.lora import LoRAError
@@ -175,8 +176,9 @@ async def start_grpc_server(engine: EngineClient, host: str, port: int, access: 
                             ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """access: API keys, roles and rate limits (server/auth.py); None serves everyone."""
     # as over HTTP; bound exclusively (gRPC shares ports by default), so a second server fails instead of splitting calls
-    server = grpc.aio.server(interceptors=[AccessInterceptor(access)] if access is not None else [],
-                             options=[("grpc.so_reuseport", 0)])
+    # the metrics interceptor first (outermost), so calls the access check refuses are counted too
+    interceptors = [ResponseMetricsInterceptor()] + ([AccessInterceptor(access)] if access is not None else [])
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_InferenceServicer_to_server(InferenceService(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

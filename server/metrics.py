@@ -160,6 +160,8 @@ _threads = Gauge("lmserve_threads", "Python threads alive in this API process.",
 http_responses = Counter("lmserve_http_responses", "HTTP responses this API process (pid) started, by route "
                          "(other: any path that is not a route) and status code.", ["pid", "route", "code"],
                          registry=_process_registry)
+grpc_responses = Counter("lmserve_grpc_responses", "gRPC calls this API process (pid) ended, by method and status "
+                         "code.", ["pid", "method", "code"], registry=_process_registry)
 
 
 def render_process_metrics() -> bytes:

@@ -196,3 +196,29 @@ def test_generated_requests_are_answered_or_refused_never_an_internal_error(stub
     except grpc.RpcError as e:
         assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), (e.code(), e.details())
         assert e.details()
+
+
+def test_calls_are_counted_by_method_and_code(live, stub):
+    from prometheus_client.parser import text_string_to_metric_families
+    import httpx
+
+    def counts() -> dict[tuple[str, str], float]:
+        text = httpx.get(live.url + "/metrics").text
+        found: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "lmserve_grpc_responses_total":
+                    key = (s.labels["method"], s.labels["code"])
+                    found[key] = found.get(key, 0.0) + s.value
+        return found
+    before = counts()
+    stub.GenerateUnary(pb.GenerateRequest(text="Hi", sampling=greedy(2)))
+    list(stub.Generate(pb.GenerateRequest(text="Hi", sampling=greedy(2))))
+    with pytest.raises(grpc.RpcError):
+        list(stub.Generate(pb.GenerateRequest(model="other", text="hi")))
+    after = counts()
+
+    def moved(method, code):
+        key = (f"/lmserve.v1.Inference/{method}", code)
+        return after.get(key, 0.0) - before.get(key, 0.0)
+    assert moved("GenerateUnary", "OK") == 1 and moved("Generate", "OK") == 1 and moved("Generate", "NOT_FOUND") == 1
