@@ -105,6 +105,14 @@ def test_truncated_and_raw_bodies_never_500(server, path, body, cut, junk):
     _check(server.post(path, content=junk))
 
 
+@pytest.mark.parametrize("path", POST)
+def test_bodies_nested_deeper_than_the_json_parser_goes_are_400(server, path):
+    for nested in (b"[" * 100_000 + b"]" * 100_000, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"):
+        r = server.post(path, content=nested)
+        assert r.status_code == 400, r.text
+        assert "nested too deeply" in r.json()["error"]["message"]
+
+
 @FUZZ
 @given(messages=chat_messages, stream=st.booleans())
 def test_chat_content_never_500_and_never_forges_control_tokens(server, messages, stream):
