@@ -143,7 +143,7 @@ class Ingress:
             log.warning("request to %s failed before its answer began: %s", call.path, e)
             return JSONResponse(ApiError(503, f"no engine replica could serve the request: {type(e).__name__}",
                                          type_="service_unavailable").body(), 503)
-        except BaseException:   # cancelled: the client left; Ray does not pass that on to the replica's call
+        except BaseException:   # cancelled (the client left): the replica's call ends too, stated, not assumed
             stream.cancel()
             raise
         return RelayedResponse(status, headers, _chunks(stream))
