@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import tempfile
+import time
 
 import httpx
 
@@ -23,9 +24,14 @@ from server.config import EngineConfig, ServerConfig
 HEADER = "x-lmserve-replica"
 
 
-def replica_metrics(url: str, tries: int = 40) -> dict[str, dict]:
-    """Each replica's /metrics, by name: the names are learnt from /health answers, spread over the replicas."""
-    names = {httpx.get(url + "/health", timeout=30).headers[HEADER] for _ in range(tries)}
+def replica_metrics(url: str, count: int) -> dict[str, dict]:
+    """Each replica's /metrics, by name: the names are learnt from /health answers, which Ray spreads over the
+    replicas (a stale queue length may send a run of them to one, so it asks until it has heard from count)."""
+    names: set[str] = set()
+    deadline = time.monotonic() + 60
+    while len(names) < count and time.monotonic() < deadline:
+        names.add(httpx.get(url + "/health", timeout=30).headers[HEADER])
+        time.sleep(0.05)
     return {n: parse_metrics(httpx.get(url + "/metrics", headers={HEADER: n}, timeout=30).text) for n in sorted(names)}
 
 
@@ -43,7 +49,7 @@ def run_config(label: str, engine: EngineConfig, replicas, load: LoadOptions) ->
         url = f"http://127.0.0.1:{port}"
         load.url, load.metrics_url = url, None
         report, _ = asyncio.run(run_load(load))
-        per_replica = replica_metrics(url)
+        per_replica = replica_metrics(url, replicas.num_replicas)
     finally:
         serve.shutdown()
         ray.shutdown()
