@@ -24,15 +24,21 @@ from server.config import EngineConfig, ServerConfig
 HEADER = "x-lmserve-replica"
 
 
-def replica_metrics(url: str, count: int) -> dict[str, dict]:
-    """Each replica's /metrics, by name: the names are learnt from /health answers, which Ray spreads over the
-    replicas (a stale queue length may send a run of them to one, so it asks until it has heard from count)."""
+def replica_names(url: str, count: int, timeout: float = 60.0) -> set[str]:
+    """The replicas' names, learnt from /health answers, which Ray spreads over the replicas (a stale queue length
+    may send a run of them to one, so it asks until it has heard from count, or timeout passes)."""
     names: set[str] = set()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + timeout
     while len(names) < count and time.monotonic() < deadline:
         names.add(httpx.get(url + "/health", timeout=30).headers[HEADER])
         time.sleep(0.05)
-    return {n: parse_metrics(httpx.get(url + "/metrics", headers={HEADER: n}, timeout=30).text) for n in sorted(names)}
+    return names
+
+
+def replica_metrics(url: str, count: int) -> dict[str, dict]:
+    """Each replica's /metrics, by name."""
+    return {n: parse_metrics(httpx.get(url + "/metrics", headers={HEADER: n}, timeout=30).text)
+            for n in sorted(replica_names(url, count))}
 
 
 def run_config(label: str, engine: EngineConfig, replicas, load: LoadOptions) -> dict:

@@ -5,17 +5,13 @@ import os
 import sys
 
 from batching.core_process import run_event_loop
-from server.config import EngineConfig, ServerConfig, add_flags, from_flags
+from server.config import EngineConfig, ServerConfig, from_flags, server_flags_parser
 
 log = logging.getLogger("lmserve")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m server", description="lmserve: serve a Llama-family model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_flags(p, EngineConfig)
-    add_flags(p, ServerConfig)
-    return p.parse_args(argv)
+    return server_flags_parser("python -m server", "lmserve: serve a Llama-family model.").parse_args(argv)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

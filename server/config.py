@@ -197,6 +197,14 @@ def add_flags(parser, config_class):
         parser.add_argument(flag, **kwargs)
 
 
+def server_flags_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser with every flag of python -m server: the engine's and the server's settings."""
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(p, EngineConfig)
+    add_flags(p, ServerConfig)
+    return p
+
+
 def from_flags(config_class, args):
     """config_class built from the parsed flags add_flags made (its __post_init__ validates them)."""
     return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
 
-async def json_body(request: Request) -> dict:
+async def read_body(request: Request) -> bytes:
+    """The request's body, at most MAX_BODY_BYTES of it, within BODY_TIMEOUT_S; ApiError otherwise."""
     too_large = ApiError(400, f"the request body is larger than {MAX_BODY_BYTES} bytes, the most accepted",
                          code="request_too_large")
     declared = request.headers.get("content-length", "")
@@ -56,7 +57,11 @@ async def json_body(request: Request) -> dict:
     except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s", type_="timeout_error",
                        code="body_timeout") from None
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+async def json_body(request: Request) -> dict:
+    raw = await read_body(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):

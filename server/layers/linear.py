@@ -102,7 +102,7 @@ class GPTQLinear(nn.Module):
         # weight and scales_and_zeros, or (where it does not apply) the dequantized weight [N, K].
         self.int4_group_size: int | None = None
         self.int4_weight = self.int4_scales_and_zeros = self.weight = None
-        self.weight_chunks = None
+        self.cpu_chunks = None   # set at load for a dequantized weight, as Linear's
 
     def load_float_weight(self, w: torch.Tensor):
         q = self.quant
@@ -140,8 +140,11 @@ class GPTQLinear(nn.Module):
         else:
             w = dequantize_gptq(self.qweight, self.qzeros, self.scales, self.g_idx, q.bits, q.zero_offset)
             self.weight = nn.Parameter(w.t().to(self.dtype).contiguous(), requires_grad=False)
-            self.weight_chunks = float_matmul_cpu.row_chunks(self.weight)
         self.qweight = self.qzeros = self.scales = self.g_idx = None
+
+    def use_cpu_matmul(self):
+        if self.weight is not None:
+            self.cpu_chunks = float_matmul_cpu.row_chunks(self.weight)
 
     def dequantized_weight(self) -> torch.Tensor:
         """[N, K] float32 in x's original column order: the weight this layer computes with."""
@@ -164,7 +167,7 @@ class GPTQLinear(nn.Module):
         if self.int4_weight is not None:
             y = cpu.int4_matmul(x, self.int4_weight, self.int4_group_size, self.int4_scales_and_zeros)
         elif self.weight is not None:
-            y = float_matmul_cpu.float_matmul(x, self.weight, self.weight_chunks)
+            y = float_matmul_cpu.float_matmul(x, self.weight, self.cpu_chunks)
         else:
             y = self.ops.gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.quant.bits,
                                      self.quant.zero_offset, self.plain_group_size)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ray import serve
 from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
 
-from server.config import EngineConfig, ServerConfig, add_flags, from_flags
+from server.config import EngineConfig, ServerConfig, from_flags, server_flags_parser
 from server.ray_serve.deployments import EngineReplica, Ingress, WaitingRequestsPolicy
 from server.ray_serve.router import PrefixAffinityRouter
 
@@ -59,10 +59,8 @@ def replica_options(args: argparse.Namespace) -> ReplicaOptions:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m server.ray_serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="lmserve on Ray Serve: engine replicas behind prefix- and LoRA-aware routing.")
-    add_flags(p, EngineConfig)
-    add_flags(p, ServerConfig)
+    p = server_flags_parser("python -m server.ray_serve",
+                            "lmserve on Ray Serve: engine replicas behind prefix- and LoRA-aware routing.")
     add_replica_flags(p)
     return p
 

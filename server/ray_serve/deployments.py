@@ -12,11 +12,12 @@ import logging
 import math
 
 from ray import serve
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.config import EngineConfig, ServerConfig
-from server.http.protocol import BODY_TIMEOUT_S, MAX_BODY_BYTES, ApiError
+from server.http.app import read_body
+from server.http.protocol import ApiError
 from server.ray_serve.http_call import HttpCall, routing_fields
 
 log = logging.getLogger("lmserve.ray")
@@ -126,11 +127,9 @@ class Ingress:
 
     async def __call__(self, request: Request) -> Response:
         try:
-            body = await _read_body(request)
+            body = await read_body(request)   # the single server's limits, before anything crosses to a replica
         except ApiError as e:
             return JSONResponse(e.body(), e.status)
-        except ClientDisconnect:
-            return Response(status_code=499)
         prompt, model = routing_fields(body)
         call = HttpCall(request.method, request.url.path, request.url.query.encode(), list(request.headers.raw),
                         body, prompt, model, request.headers.get(REPLICA_HEADER),
@@ -163,23 +162,3 @@ async def _chunks(stream):
             yield chunk
     finally:
         stream.cancel()   # the client left (or the relay ended): the replica stops and aborts the request
-
-
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length", "")
-    too_large = ApiError(400, f"the request body is larger than {MAX_BODY_BYTES} bytes, the most accepted",
-                         code="request_too_large")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise too_large
-    chunks, size = [], 0
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):   # a body dripped in byte by byte holds nothing for long
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise too_large
-                chunks.append(chunk)
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S} s", type_="timeout_error",
-                       code="body_timeout") from None
-    return b"".join(chunks)

@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.processes import free_port
+from bench.ray_serve import replica_names
 from server.config import EngineConfig, ServerConfig
 from tests.server.conftest import MODEL_NAME, LiveServer
 
@@ -127,20 +128,9 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request_on_the_replica(ray_u
     assert metric(after, "lmserve_num_requests_running") == 0
 
 
-def replica_names(url: str, count: int = 2) -> set[str]:
-    """The replicas' names, from /health answers: Ray spreads them, though a stale queue length can send a run of
-    them to one replica, so it asks until it has heard from count."""
-    names: set[str] = set()
-    deadline = time.monotonic() + 30
-    while len(names) < count and time.monotonic() < deadline:
-        names.add(httpx.get(url + "/health").headers[HEADER])
-        time.sleep(0.05)
-    assert len(names) == count, names
-    return names
-
-
 def test_a_client_that_leaves_before_the_first_byte_aborts_its_request_on_the_replica(ray_url):
-    names = replica_names(ray_url)
+    names = replica_names(ray_url, 2, timeout=30)
+    assert len(names) == 2, names
 
     def aborted() -> float:
         return sum(metric(httpx.get(ray_url + "/metrics", headers={HEADER: n}).text, "lmserve_requests_finished_total",
