@@ -34,6 +34,8 @@ from server.model_runner import ModelRunner
 from server.model_source import resolve_model
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.structured_output import GrammarCompiler
+from server.tensor_parallel import SINGLE, TensorParallel
+from server.tp_workers import KVCacheSpec, TensorParallelWorkers, WorkerSpec
 from batching.sequence import FinishReason, Sequence, SequenceStatus
 from server.tokenizer import eos_token_ids, load_tokenizer
 
@@ -82,30 +84,64 @@ class EngineCore:
         self.draining = False
         self.failure: BaseException | None = None    # why the step loop died, once it has
         self.on_loop_death = None                    # called with that exception (the server exits non-zero)
+        try:
+            self._home_loop = asyncio.get_running_loop()   # where a dead worker is reported before the first request
+        except RuntimeError:
+            self._home_loop = None
+        if self.tp_workers is not None:
+            self.tp_workers.on_death = self._on_worker_death
 
     def _load_model(self, config: EngineConfig):
         """The model, its KV cache, the adapters named at start and the model runner (on the step thread)."""
+        self.tp_workers: TensorParallelWorkers | None = None
+        try:
+            self._load_model_and_cache(config)
+        except BaseException:
+            if self.tp_workers is not None:
+                self.tp_workers.stop()
+            raise
+
+    def _start_tp_workers(self, config: EngineConfig) -> TensorParallel:
+        size = config.tensor_parallel_size
+        if self.device.type == "cuda" and torch.cuda.device_count() < size:
+            raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
+        if self.device.type == "cuda" and self.device.index not in (None, 0):
+            raise ValueError("with tensor parallelism rank r runs on cuda:r; pick the GPUs with CUDA_VISIBLE_DEVICES")
+        threads = max(1, torch.get_num_threads() // size)
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        self.tp_workers = TensorParallelWorkers(WorkerSpec(
+            size, str(self.model_path), self.dtype, self.device.type, self.max_model_len, config.quant,
+            config.quant_group_size, config.kernels, config.max_loras, config.max_lora_rank, threads))
+        return self.tp_workers.tp
+
+    def _load_model_and_cache(self, config: EngineConfig):
+        tp = self._start_tp_workers(config) if config.tensor_parallel_size > 1 else SINGLE
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len, config.quant,
-                                config.quant_group_size, config.kernels)
+                                config.quant_group_size, config.kernels, tp)
+        if self.tp_workers is not None:
+            self.tp_workers.wait_loaded()
         if self.model.ops.name == "triton" and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16 with the Triton kernels; got {config.block_size}")
         mc = self.model.config
         self.vocab_size = mc.vocab_size
-        per_token = kv_cache_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim, self.dtype)
+        per_token = kv_cache_bytes_per_token(mc.num_layers, self.model.num_kv_heads, mc.head_dim, self.dtype)
         num_blocks = size_kv_cache(per_token, config.block_size, self.device, config.kv_cache_tokens,
                                    config.kv_cache_memory_fraction, config.max_batch_size * self.max_model_len,
                                    min_tokens=self.max_model_len)
         self.kv_cache_tokens = num_blocks * config.block_size
         # One block more than the BlockManager hands out: block tables are padded with it (ModelRunner), so
         # padding never reads a block another sequence writes (whose NaN would spread through 0 * NaN).
-        kv_caches = [torch.zeros(2, num_blocks + 1, config.block_size, mc.num_kv_heads, mc.head_dim,
+        kv_caches = [torch.zeros(2, num_blocks + 1, config.block_size, self.model.num_kv_heads, mc.head_dim,
                                  dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        if self.tp_workers is not None:
+            self.tp_workers.send(KVCacheSpec(num_blocks + 1, config.block_size))
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
                  per_token * self.kv_cache_tokens / 2**20)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
         self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
-        self.lora_pool = LoRAPool(mc, config.max_loras, config.max_lora_rank, self.dtype, self.device,
+        self.lora_pool = LoRAPool(self.model.lora_shards(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
                                   self.model.ops.add_lora)
         self.adapters: dict[str, LoRAAdapter] = {}
         self._next_adapter_id = 1
@@ -122,11 +158,13 @@ class EngineCore:
                 log.error("--lora-dir: skipped adapter %r: %s", name, e)
                 self._skipped_adapters += 1
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids,
-                                  self.lora_pool)
+                                  self.lora_pool, self.tp_workers)
         # bitsandbytes is left out: LLM.int8 picks its outlier columns per call (shapes that depend on the data),
         # and NF4 has not been tried in a graph.
         bnb = config.quant in ("bnb-int8", "nf4")
-        if self.device.type == "cuda" and self.model.ops.name == "triton" and not bnb and not config.enforce_eager:
+        # Under tensor parallelism every rank would have to replay its graph together: eager for now.
+        if (self.device.type == "cuda" and self.model.ops.name == "triton" and not bnb and not config.enforce_eager
+                and self.tp_workers is None):
             self.runner.decode_graphs = build_decode_graphs(self.model, kv_caches, config.max_batch_size,
                                                             self.max_model_len, config.block_size,
                                                             self.runner.pad_block)
@@ -365,6 +403,8 @@ class EngineCore:
                 pass
         self._executor.shutdown(wait=True)
         self.runner.shutdown()
+        if self.tp_workers is not None:
+            self.tp_workers.stop()
         self.grammars.shutdown()
 
     # --- the step loop -------------------------------------------------------------------------
@@ -382,14 +422,31 @@ class EngineCore:
             raise
         except BaseException as exc:  # the loop itself died: nobody may wait on it forever
             log.exception("engine step loop died")
-            self.failure = exc
-            error = ErrorInfo(*error_to_wire(EngineDeadError(f"the engine stopped: {exc}")))
-            outputs = [CoreOutput(request_id, [], error=error) for request_id in self._seqs]
-            self._seqs.clear()
-            self.sink(outputs)
-            if self.on_loop_death is not None:
-                self.on_loop_death(exc)
+            self._die(exc)
             raise
+
+    def _die(self, exc: BaseException):
+        """The engine cannot go on (its step loop died, or a tensor-parallel worker): every request ends with
+        an error, health turns false, and on_loop_death stops the server."""
+        if self.failure is not None:
+            return
+        self.failure = exc
+        error = ErrorInfo(*error_to_wire(EngineDeadError(f"the engine stopped: {exc}")))
+        outputs = [CoreOutput(request_id, [], error=error) for request_id in self._seqs]
+        self._seqs.clear()
+        self.sink(outputs)
+        if self._loop_task is not None and self._loop_task is not asyncio.current_task():
+            self._loop_task.cancel()
+        if self.on_loop_death is not None:
+            self.on_loop_death(exc)
+
+    def _on_worker_death(self, exc: BaseException):
+        """From the workers' watch thread: the engine dies on its event loop."""
+        loop = self._loop_task.get_loop() if self._loop_task is not None else self._home_loop
+        if loop is None or loop.is_closed():
+            self.failure = exc
+        else:
+            loop.call_soon_threadsafe(self._die, exc)
 
     async def _run_steps(self):
         loop = asyncio.get_running_loop()

@@ -66,6 +66,9 @@ class EngineConfig:
     quant_group_size: int = setting(128, "input channels per scale group for --quant int4 (-1: one group per row)",
                                     type=int)
     kernels: str = setting("auto", "auto: Triton kernels on CUDA, torch references on CPU", choices=KERNEL_CHOICES)
+    tensor_parallel_size: int = setting(1, "split the model over N ranks (Megatron-style: heads, MLP columns and "
+                                        "vocabulary): one process per GPU with NCCL on CUDA, gloo on the CPU",
+                                        type=int)
     enforce_eager: bool = setting(False, "run decode steps eagerly instead of replaying the CUDA graphs captured at "
                                   "start (CUDA only)", action="store_true")
     loras: list[tuple[str, str]] = setting(
@@ -98,6 +101,7 @@ class EngineConfig:
         if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N]; got {self.device!r}")
         _check_positive("max_batch_size", self.max_batch_size)
+        _check_positive("tensor_parallel_size", self.tensor_parallel_size)
         _check_positive("max_loras", self.max_loras)
         _check_positive("max_lora_rank", self.max_lora_rank)
         if self.max_queued_requests is not None:

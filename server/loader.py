@@ -1,7 +1,9 @@
 """Load a Hugging Face checkpoint directory into our model: config via transformers, weights from safetensors only.
 
 Float checkpoints load as they are, or are quantized layer by layer as their weights arrive (--quant);
-GPTQ checkpoints (auto-gptq / GPTQModel / optimum) are detected and their packed tensors read by name.
+GPTQ checkpoints (auto-gptq / GPTQModel / optimum) are detected and their packed tensors read by name. Each
+checkpoint projection goes to its part of the model's layers (fused q/k/v and gate/up), and under tensor
+parallelism each rank copies only its share (server/layers/partition.py).
 """
 import json
 import logging
@@ -12,11 +14,13 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 from server.layers.linear import LinearFactory, weight_bytes
+from server.layers.partition import Partitioned
 from server.layers.ops import select_ops
 from server.models.llama import LlamaForCausalLM
 from server.models.model_config import ModelConfig
 from server.quantization.config import gptq_config_in, resolve_quant
 from server.synthetic_model import is_synthetic_dir, synthetic_tensor
+from server.tensor_parallel import SINGLE, TensorParallel
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +57,9 @@ def safetensors_files(path: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
-               quant: str = "none", group_size: int = 128, kernels: str = "auto") -> LlamaForCausalLM:
+               quant: str = "none", group_size: int = 128, kernels: str = "auto",
+               tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
+    """The model, or this rank's share of it (tp), loaded from a checkpoint directory."""
     path = Path(path)
     hf_config = load_hf_config(path)
     cfg = ModelConfig.from_hf(hf_config)
@@ -67,23 +73,25 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
     torch.set_default_dtype(dtype)  # parameters are created in the serving dtype, never as a float32 copy first
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg, max_positions, linear)
+            model = LlamaForCausalLM(cfg, max_positions, linear, tp)
+    except ValueError as e:   # shapes this tensor-parallel size or quantization cannot split
+        raise CheckpointError(f"{path}: {e}") from None
     finally:
         torch.set_default_dtype(default_dtype)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    # Quantized layers over a float checkpoint take `<layer>.weight` through load_float_weight.
-    float_fed = {} if checkpoint_quant else {name: m for name, m in model.named_modules()
-                                             if hasattr(m, "load_float_weight")}
-    expected = set(params) - {f"{name}.{p}" for name, m in float_fed.items()
-                              for p, _ in m.named_parameters(recurse=False) if p != "bias"}
-    expected |= {f"{name}.weight" for name in float_fed}
-    expected -= {n for n in params if n.endswith(".g_idx")}  # optional: a missing g_idx is the plain grouping
-    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    expected -= tied  # the embedding table, filled under its own name
+    parts = model.checkpoint_parts()
+    gptq = checkpoint_quant is not None
+    held = {name for name, m in model.named_modules() if isinstance(m, Partitioned)}
+    plain = {name: p for name, p in model.named_parameters(remove_duplicate=False) if name.rpartition(".")[0] not in held}
+    expected = set(plain)
+    for module_name, (m, _) in parts.items():
+        leaves = m.QUANTIZED_LEAVES if gptq and m.QUANTIZED_LEAVES else ("weight",)
+        expected |= {f"{module_name}.{leaf}" for leaf in leaves + (("bias",) if getattr(m, "bias", None) is not None else ())}
+    if cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")  # the embedding table, filled under its own name
     if is_synthetic_dir(path):
-        loaded = _fill_synthetic(expected, params, float_fed, dtype, device)
+        loaded = _fill_synthetic(expected, parts, plain, dtype, device)
     else:
-        loaded = _read_checkpoint(path, cfg, params, float_fed, quant_config)
+        loaded = _read_checkpoint(path, cfg, parts, plain, gptq, quant_config)
     missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
@@ -92,22 +100,21 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
             module.finish_loading()
     if device.type == "cpu" and linear.ops.name == "torch":
         for module in model.modules():
-            if hasattr(module, "fuse_for_cpu"):
-                module.fuse_for_cpu()
-        for module in model.modules():   # after fusing: the chunks are views of each weight's final storage
             if hasattr(module, "use_cpu_matmul"):
                 module.use_cpu_matmul()
     model.weight_bytes = weight_bytes(model)
     model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
                                     if name.endswith("_proj") and "." in name)
-    log.info("loaded %s from %s (%d tensors, %s, %s kernels): weights %.1f MiB, of which linear layers %.1f MiB",
+    log.info("loaded %s from %s (%d tensors, %s, %s kernels%s): weights %.1f MiB, of which linear layers %.1f MiB",
              cfg.architecture, path, len(loaded), quant_config.method if quant_config else "no quantization",
-             linear.ops.name, model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20)
+             linear.ops.name, f", tensor-parallel rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
+             model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20)
     return model.eval()
 
 
-def _read_checkpoint(path: Path, cfg: ModelConfig, params: dict, float_fed: dict, quant_config) -> set[str]:
-    """Copy every tensor of the checkpoint's safetensors files into its parameter; returns the names loaded."""
+def _read_checkpoint(path: Path, cfg: ModelConfig, parts: dict, plain: dict, gptq: bool, quant_config) -> set[str]:
+    """Copy every tensor of the checkpoint's safetensors files into its parameter (this rank's share of it);
+    returns the names loaded."""
     loaded = set()
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
@@ -115,36 +122,47 @@ def _read_checkpoint(path: Path, cfg: ModelConfig, params: dict, float_fed: dict
                 if name.endswith(_IGNORED_SUFFIXES) or (cfg.tie_word_embeddings and name == "lm_head.weight"):
                     continue
                 module_name, _, leaf = name.rpartition(".")
-                if leaf == "weight" and module_name in float_fed:
-                    float_fed[module_name].load_float_weight(f.get_tensor(name))
-                    loaded.add(name)
-                    continue
-                if name not in params:
-                    if leaf == "bias" and _is_zero(f.get_tensor(name)):
-                        continue  # auto-gptq writes an all-zero bias for every quantized layer
-                    raise CheckpointError(f"{file.name}: unexpected tensor {name!r} for {cfg.architecture}"
-                                          + _quant_hint(leaf, quant_config))
-                tensor = f.get_tensor(name)
-                param = params[name]
-                if tensor.shape != param.shape:
-                    raise CheckpointError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-                param.data.copy_(tensor)
+                try:
+                    if module_name in parts:
+                        m, part = parts[module_name]
+                        if leaf == "weight" and not gptq:
+                            m.load_float_weight(f.get_tensor(name), part)
+                        elif leaf in m.AXES and (leaf != "bias" or m.bias is not None):
+                            m.load(leaf, f.get_tensor(name), part)
+                        elif leaf == "bias" and _is_zero(f.get_tensor(name)):
+                            continue  # auto-gptq writes an all-zero bias for every quantized layer
+                        else:
+                            raise CheckpointError(f"unexpected tensor {name!r} for {cfg.architecture}"
+                                                  + _quant_hint(leaf, quant_config))
+                    elif name in plain:
+                        tensor = f.get_tensor(name)
+                        if tensor.shape != plain[name].shape:
+                            raise CheckpointError(f"tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                                  f"expected {tuple(plain[name].shape)}")
+                        plain[name].data.copy_(tensor)
+                    else:
+                        raise CheckpointError(f"unexpected tensor {name!r} for {cfg.architecture}"
+                                              + _quant_hint(leaf, quant_config))
+                except ValueError as e:   # CheckpointError, and a shape or g_idx the layer refuses
+                    raise CheckpointError(f"{file.name}: {e}") from None
                 loaded.add(name)
     return loaded
 
 
-def _fill_synthetic(expected: set[str], params: dict, float_fed: dict, dtype: torch.dtype,
-                    device: torch.device) -> set[str]:
-    """random:NAME (server/synthetic_model.py): every expected tensor drawn on the device, quantized layers
-    through their float weight as a checkpoint's would be."""
+def _fill_synthetic(expected: set[str], parts: dict, plain: dict, dtype: torch.dtype, device: torch.device) -> set[str]:
+    """random:NAME (server/synthetic_model.py): every expected tensor drawn whole on the device (so each
+    tensor-parallel rank takes its share of the same numbers), quantized layers through their float weight as
+    a checkpoint's would be."""
     for name in expected:
         module_name, _, leaf = name.rpartition(".")
-        if leaf == "weight" and module_name in float_fed:
-            m = float_fed[module_name]
-            m.load_float_weight(synthetic_tensor(name, (m.out_features, m.in_features), dtype, device))
-        elif name in params:
-            params[name].data.copy_(synthetic_tensor(name, params[name].shape, params[name].dtype, device))
+        if module_name in parts:
+            m, part = parts[module_name]
+            if leaf == "weight":
+                m.load_float_weight(synthetic_tensor(name, m.full_weight_shape(part), dtype, device), part)
+            else:
+                m.load(leaf, synthetic_tensor(name, (m.partition.outs[part].full,), dtype, device), part)
+        else:
+            plain[name].data.copy_(synthetic_tensor(name, plain[name].shape, plain[name].dtype, device))
     return set(expected)
 
 

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from server.layers.partition import Shard
 from server.models.model_config import ModelConfig
 from server.cpu_threads import release_idle_team
 
@@ -149,9 +150,10 @@ def _adapter_config(config_file: Path, raw: bytes, max_rank: int) -> tuple[dict,
 class LoRAPool:
     """Device slots for adapters, and the per-step row assignment the projections read."""
 
-    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-                 add_lora: Callable):
-        self.shapes, self.max_loras, self.max_rank = projection_shapes(cfg), max_loras, max_rank
+    def __init__(self, shards: dict[str, tuple[Shard, Shard]], max_loras: int, max_rank: int, dtype: torch.dtype,
+                 device: torch.device, add_lora: Callable):
+        # shards: each projection's (input, output) features this tensor-parallel rank holds (the model's lora_shards)
+        self.shards, self.max_loras, self.max_rank = shards, max_loras, max_rank
         self.dtype, self.device, self.add_lora = dtype, device, add_lora
         self.ranks = torch.zeros(max_loras, dtype=torch.int32, device=device)
         self.a: dict[tuple[int, str], torch.Tensor] = {}   # [slots, R, in], allocated when first needed
@@ -160,6 +162,8 @@ class LoRAPool:
         self.in_use: dict[LoRAAdapter, int] = {}
         self._freed = asyncio.Condition()
         self.token_slots: torch.Tensor | None = None   # this step's slot per token (-1: base); set by the runner
+        self.pending: list[tuple[int, LoRAAdapter]] | None = None   # with tensor parallelism: installs the
+                                                                     # other ranks have yet to make (the runner sends them)
 
     async def acquire(self, adapter: LoRAAdapter) -> int:
         """Makes the adapter resident (waiting while every slot serves running requests) and pins it."""
@@ -201,19 +205,26 @@ class LoRAPool:
         else:
             victim = next(a for a in self.resident if a not in self.in_use)   # least recently used idle one
             slot = self.resident.pop(victim)
+        self.fill(slot, adapter)
+        self.resident[adapter] = slot
+        if self.pending is not None:
+            self.pending.append((slot, adapter))
+
+    def fill(self, slot: int, adapter: LoRAAdapter):
+        """Writes this rank's share of the adapter's A and B into a slot (a row-parallel projection's A by its
+        input columns, a column-parallel one's B by its output rows)."""
         for key in set(self.a) | set(adapter.weights):
+            inp, out = self.shards[key[1]]
             if key not in self.a:
-                fan_in, fan_out = self.shapes[key[1]]
-                self.a[key] = torch.zeros(self.max_loras, self.max_rank, fan_in, dtype=self.dtype, device=self.device)
-                self.b[key] = torch.zeros(self.max_loras, fan_out, self.max_rank, dtype=self.dtype, device=self.device)
+                self.a[key] = torch.zeros(self.max_loras, self.max_rank, inp.size, dtype=self.dtype, device=self.device)
+                self.b[key] = torch.zeros(self.max_loras, out.size, self.max_rank, dtype=self.dtype, device=self.device)
             self.a[key][slot].zero_()
             self.b[key][slot].zero_()
             if key in adapter.weights:
                 a, b = adapter.weights[key]
-                self.a[key][slot, :adapter.rank].copy_(a)
-                self.b[key][slot, :, :adapter.rank].copy_(b)
+                self.a[key][slot, :adapter.rank].copy_(a[:, inp.start:inp.start + inp.size])
+                self.b[key][slot, :, :adapter.rank].copy_(b[out.start:out.start + out.size])
         self.ranks[slot] = adapter.rank
-        self.resident[adapter] = slot
 
     def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # x: [T, in]; y: [T, out] the base projection, to which each token's adapter delta is added in place.

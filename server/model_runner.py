@@ -5,7 +5,7 @@ tensors, so it can run in a worker thread while the loop keeps serving.
 """
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -15,6 +15,7 @@ from server.errors import RequestFailedError
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.sampling import InvalidRequestError, SampledToken, SamplerRow, sample, token_logprobs
 from server.grammar_masks import fill_bitmasks
+from server.tp_workers import StepMessage, TensorParallelWorkers, to_device
 from batching.sequence import Sequence
 
 
@@ -28,6 +29,7 @@ class PreparedBatch:
     sampler_rows: list[SamplerRow]
     prompt_scoring: list[tuple[Sequence, torch.Tensor, torch.Tensor]]  # (seq, batch rows, next prompt tokens)
     lora_slots: torch.Tensor | None  # [T] each token's adapter pool slot, -1 for the base model; None: base only
+    lora_installs: list = field(default_factory=list)   # tensor parallelism: adapter slots the workers must fill first
 
 
 @dataclass
@@ -40,9 +42,12 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, device: torch.device,
-                 eos_token_ids: tuple[int, ...], lora_pool=None):
+                 eos_token_ids: tuple[int, ...], lora_pool=None, tp_workers: TensorParallelWorkers | None = None):
         self.model = model
         self.lora_pool = lora_pool
+        self.tp_workers = tp_workers     # tensor parallelism: each step is sent to the other ranks first
+        if tp_workers is not None and lora_pool is not None:
+            lora_pool.pending = []
         self.kv_caches = kv_caches       # per layer: [2, num_blocks, block_size, Hkv, Dh]
         # Block tables are padded with the cache's last block, which the engine never hands out (all zeros).
         self.pad_block = kv_caches[0].shape[1] - 1
@@ -87,11 +92,14 @@ class ModelRunner:
         # The loop appends to token_ids only after run() returns, so the worker may read them in place.
         rows = [SamplerRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
                            s.grammar if s.grammar_armed else None) for s in sample_seqs]
+        installs = []
+        if self.lora_pool is not None and self.lora_pool.pending:   # made on this (the loop's) thread
+            installs, self.lora_pool.pending = self.lora_pool.pending, []
         return PreparedBatch(
             input_ids=self._tensor(input_ids), positions=self._tensor(positions),
             meta=AttentionMetadata(self._tensor(slots), groups),
             sample_indices=self._tensor(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows, prompt_scoring=scoring,
-            lora_slots=self._tensor(lora_slots) if any(s >= 0 for s in lora_slots) else None)
+            lora_slots=self._tensor(lora_slots) if any(s >= 0 for s in lora_slots) else None, lora_installs=installs)
 
     def _group(self, tokens: slice, seqs: list[Sequence], query_positions: list[list[int]]) -> AttentionGroup:
         # Each row's blocks up to its last query, padded with the padding block (masked) to the group's longest.
@@ -115,6 +123,8 @@ class ModelRunner:
         grammars = [row.grammar for row in batch.sampler_rows if row.grammar is not None]
         # The grammars' masks are filled on a thread of their own while the forward pass runs.
         masks = self._mask_filler.submit(fill_bitmasks, grammars, self.model.config.vocab_size) if grammars else None
+        if self.tp_workers is not None:
+            self.tp_workers.send(self._step_message(batch))
         if self.decode_graphs is not None and self.decode_graphs.serves(batch):
             hidden = self.decode_graphs.run(batch)
         else:
@@ -130,6 +140,13 @@ class ModelRunner:
                                 [seq.params.prompt_logprobs] * len(targets))
             for seq, rows, targets in batch.prompt_scoring}
         return StepResult(sampled, prompt_logprobs, failed)
+
+    def _step_message(self, batch: PreparedBatch) -> StepMessage:
+        """What the other tensor-parallel ranks need to run this step's forward and logits with rank 0."""
+        logits_rows = ([batch.sample_indices] if batch.sample_seqs else []) + [rows for _, rows, _ in batch.prompt_scoring]
+        cpu = torch.device("cpu")
+        return StepMessage(*(to_device(x, cpu) for x in (batch.input_ids, batch.positions, batch.meta, batch.lora_slots,
+                                                         logits_rows)), lora_installs=batch.lora_installs)
 
 
 def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplerRow],

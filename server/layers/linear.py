@@ -15,6 +15,7 @@ from kernels import float_matmul_cpu
 from kernels import quant_matmul_cpu as cpu
 from kernels.quant_matmul import dequantize_gptq, is_plain_grouping, sort_act_order
 from server.layers.ops import Ops
+from server.layers.partition import Axes, Partition, Partitioned, load_part
 from server.quantization.config import QuantConfig
 from server.quantization.rtn import quantize_int8, quantize_rtn
 
@@ -27,11 +28,11 @@ def _packed_kernels(ops: Ops, device: torch.device) -> bool:
     return ops.name == "torch" and device.type == "cpu"
 
 
-class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        super().__init__()
-        self.weight = _param(out_features, in_features)
-        self.bias = _param(out_features) if bias else None
+class Linear(Partitioned):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, partition: Partition | None = None):
+        super().__init__(in_features, out_features, partition)
+        self.weight = _param(self.out_features, self.in_features)
+        self.bias = _param(self.out_features) if bias else None
         self.cpu_chunks = None   # set at load on CPU: the weight as row chunks (kernels/float_matmul_cpu.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,24 +42,26 @@ class Linear(nn.Module):
         self.cpu_chunks = float_matmul_cpu.row_chunks(self.weight)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Partitioned):
     """Weight-only int8 with a float32 scale per output channel."""
+    AXES = {"weight": Axes(out=0, inp=1), "scales": Axes(out=0), "bias": Axes(out=0)}
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops):
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops, partition: Partition | None = None):
+        super().__init__(in_features, out_features, partition)
         self.ops = ops
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = _param(out_features, in_features, dtype=torch.int8)
-        self.scales = _param(out_features, dtype=torch.float32)
-        self.bias = _param(out_features) if bias else None
+        self.weight = _param(self.out_features, self.in_features, dtype=torch.int8)
+        self.scales = _param(self.out_features, dtype=torch.float32)
+        self.bias = _param(self.out_features) if bias else None
         self.cpu_kernel = False   # set at finish_loading: PyTorch's packed int8 kernel serves this layer
 
-    def load_float_weight(self, w: torch.Tensor):
+    def load_float_weight(self, w: torch.Tensor, part: int = 0):
+        # quantized whole, then sharded: a row-parallel shard keeps the scales of the whole rows
         q, scales = quantize_int8(w.to(self.weight.device))
-        self.weight.data.copy_(q)
-        self.scales.data.copy_(scales)
+        self.load("weight", q, part)
+        self.load("scales", scales, part)
 
     def finish_loading(self):
+        super().finish_loading()
         self.cpu_kernel = _packed_kernels(self.ops, self.weight.device) and cpu.int8_kernel_serves(self.in_features)
         if self.cpu_kernel:
             self.scales.data = self.scales.data.to(cpu.COMPUTE_DTYPE)
@@ -75,25 +78,40 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class GPTQLinear(nn.Module):
+class GPTQLinear(Partitioned):
     """4- or 8-bit group-wise weights in the GPTQ packed layout (kernels/quant_matmul.py), read as written."""
+    QUANTIZED_LEAVES = ("qweight", "qzeros", "scales")
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops, quant: QuantConfig):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+    def __init__(self, in_features: int, out_features: int, bias: bool, ops: Ops, quant: QuantConfig,
+                 partition: Partition | None = None):
+        super().__init__(in_features, out_features, partition)
+        p = self.partition
+        in_features, out_features = self.in_features, self.out_features
         pack = 32 // quant.bits
-        if in_features % pack or out_features % pack:
+        if in_features % pack or p.inp.start % pack or any(s.start % pack or s.size % pack for s in p.outs):
             raise ValueError(f"{quant.bits}-bit GPTQ needs in and out features divisible by {pack}; "
-                             f"got {in_features} x {out_features}")
+                             f"got {in_features} x {'+'.join(map(str, p.out_sizes))}")
+        gs = quant.group_size
+        # A row-parallel shard holds its own groups, unless act-order scatters them (or one group spans the
+        # row): then it holds every group, and its g_idx slice picks from them.
+        split_groups = p.row_parallel and not quant.desc_act and gs != -1
+        if split_groups and (p.inp.start % gs or in_features % gs):
+            raise ValueError(f"the GPTQ group size {gs} does not divide this rank's {in_features} of {p.inp.full} "
+                             f"input features; choose a tensor-parallel size that splits at group boundaries")
         self.ops, self.quant = ops, quant
-        groups = quant.num_groups(in_features)
+        groups = in_features // gs if split_groups else quant.num_groups(p.inp.full)
+        group_axis = 0 if split_groups else None
+        self.AXES = {"qweight": Axes(out=1, inp=0, in_unit=pack), "qzeros": Axes(out=1, out_unit=pack, inp=group_axis, in_unit=gs),
+                     "scales": Axes(out=1, inp=group_axis, in_unit=gs), "g_idx": Axes(inp=0), "bias": Axes(out=0)}
+        self.group_offset = p.inp.start // gs if split_groups else 0   # subtracted from a shard's g_idx
         self.qweight = _param(in_features // pack, out_features, dtype=torch.int32)
         self.qzeros = _param(groups, out_features // pack, dtype=torch.int32)
         self.scales = _param(groups, out_features, dtype=torch.float16)  # float16, as GPTQ checkpoints store them
-        gs = in_features if quant.group_size == -1 else quant.group_size
         # A checkpoint without g_idx uses the plain grouping.
-        self.g_idx = nn.Parameter(torch.arange(in_features, dtype=torch.int32) // gs, requires_grad=False)
+        self.g_idx = nn.Parameter((torch.arange(in_features, dtype=torch.int32) + p.inp.start) // (p.inp.full if gs == -1 else gs)
+                                  - self.group_offset, requires_grad=False)
         self.bias = _param(out_features) if bias else None
+        self._g_idx_part: int | None = None   # the projection whose g_idx was read first (the others must equal it)
 
         self.dtype = torch.get_default_dtype()     # the loader's serving dtype
         self.perm: torch.Tensor | None = None      # act-order: x's columns in the order qweight's rows now have
@@ -104,10 +122,24 @@ class GPTQLinear(nn.Module):
         self.int4_weight = self.int4_scales_and_zeros = self.weight = None
         self.cpu_chunks = None   # set at load for a dequantized weight, as Linear's
 
-    def load_float_weight(self, w: torch.Tensor):
+    def load(self, leaf: str, tensor: torch.Tensor, part: int = 0):
+        if leaf != "g_idx":
+            return super().load(leaf, tensor, part)
+        if self._g_idx_part is None or self._g_idx_part == part:
+            super().load(leaf, tensor - self.group_offset, part)
+            self._g_idx_part = part
+            return
+        shard = self.partition.inp
+        if tensor.shape == (shard.full,) and torch.equal(tensor[shard.start:shard.start + shard.size].to(self.g_idx.dtype) - self.group_offset, self.g_idx.data):
+            return
+        raise ValueError("the projections fused into one layer (q/k/v, gate/up) have different act-order g_idx; "
+                         "lmserve serves GPTQ checkpoints whose fused projections share their input ordering")
+
+    def load_float_weight(self, w: torch.Tensor, part: int = 0):
+        # quantized whole, then sharded, so every tensor-parallel size computes with the same numbers
         q = self.quant
         for name, tensor in quantize_rtn(w.to(self.qweight.device), q.bits, q.group_size, q.sym).items():
-            getattr(self, name).data.copy_(tensor)
+            self.load(name, tensor, part)
 
     def _sort_act_order(self):
         gs = self.quant.group_size
@@ -123,6 +155,7 @@ class GPTQLinear(nn.Module):
     def finish_loading(self):
         """Brings an act-order layer to plain grouping (qweight's rows sorted by group, x permuted to match),
         then, on CPU, to PyTorch's packed kernels."""
+        super().finish_loading()
         self._sort_act_order()
         if _packed_kernels(self.ops, self.qweight.device):
             self._convert_for_cpu()
@@ -174,23 +207,29 @@ class GPTQLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class BnbLinear(nn.Module):
-    """bitsandbytes LLM.int8 (bnb-int8) or NF4, built when the float weight arrives."""
+class BnbLinear(Partitioned):
+    """bitsandbytes LLM.int8 (bnb-int8) or NF4, built at finish_loading from the float weights its parts gave."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, quant: QuantConfig):
-        super().__init__()
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant: QuantConfig,
+                 partition: Partition | None = None):
+        super().__init__(in_features, out_features, partition)
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as e:
             raise RuntimeError(f"--quant {quant.method} needs bitsandbytes: pip install bitsandbytes") from e
-        self.in_features, self.out_features, self.method = in_features, out_features, quant.method
+        self.method = quant.method
         self.device, self.dtype = torch.empty(0).device, torch.get_default_dtype()  # the loader's device and dtype
-        self.bias = _param(out_features) if bias else None
+        self.bias = _param(self.out_features) if bias else None
+        self.staged = torch.empty(self.out_features, self.in_features, dtype=torch.float16, device=self.device)
         self.inner = None
 
-    def load_float_weight(self, w: torch.Tensor):
+    def load_float_weight(self, w: torch.Tensor, part: int = 0):
+        load_part(self.staged, w.to(torch.float16), self.AXES["weight"], self.partition, part, "weight")
+
+    def finish_loading(self):
         import bitsandbytes as bnb
-        w = w.to(torch.float16)
+        super().finish_loading()
+        w, self.staged = self.staged, None
         if self.method == "bnb-int8":
             inner = bnb.nn.Linear8bitLt(self.in_features, self.out_features, bias=False, has_fp16_weights=False,
                                         threshold=6.0, device="meta")
@@ -205,58 +244,6 @@ class BnbLinear(nn.Module):
         # LLM.int8 computes in float16 (it casts, with a warning per call, otherwise); NF4 in the serving dtype.
         y = self.inner(x.to(torch.float16) if self.method == "bnb-int8" else x).to(x.dtype)
         return y if self.bias is None else y + self.bias
-
-
-class FusedProjections:
-    """Projections of one input run as one matmul on CPU: called with x, returns each projection's y."""
-
-    def __init__(self, matmul, bias: torch.Tensor | None, sizes: list[int]):
-        self.matmul, self.bias, self.sizes = matmul, bias, sizes
-
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y = self.matmul(x)
-        return (y if self.bias is None else y + self.bias).split(self.sizes, dim=-1)
-
-
-def fuse_for_cpu(linears: list[nn.Module]) -> FusedProjections | None:
-    """Projections of one input (q/k/v, gate/up) as one matmul, so the CPU reads x once: float weights as one
-    [N1 + N2 + ..., K] weight, int8 and int4 ones on the packed kernels as one packed weight with their scales.
-    Each layer's weight becomes a view of the fused one, so nothing big is held twice. None for other kinds, or
-    unless all have a bias or none has."""
-    if len({type(m) for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
-        return None
-    sizes = [m.out_features if hasattr(m, "out_features") else m.weight.shape[0] for m in linears]
-    bias = None if linears[0].bias is None else _fuse_rows([m.bias for m in linears], sizes)
-    if type(linears[0]) is Linear:
-        fused = _fuse_rows([m.weight for m in linears], sizes)
-        chunks = float_matmul_cpu.row_chunks(fused)
-        return FusedProjections(lambda x: float_matmul_cpu.float_matmul(x, fused, chunks), bias, sizes)
-    if type(linears[0]) is Int8Linear and all(m.cpu_kernel for m in linears):
-        weight = _fuse_rows([m.weight for m in linears], sizes)
-        scales = _fuse_rows([m.scales for m in linears], sizes)
-        return FusedProjections(lambda x: cpu.int8_matmul(x, weight, scales), bias, sizes)
-    if (type(linears[0]) is GPTQLinear and all(m.int4_weight is not None and m.perm is None for m in linears)
-            and len({m.int4_group_size for m in linears}) == 1 and all(n % 64 == 0 for n in sizes[:-1])):
-        # the kernel packs rows in blocks of 64, so packed parts of whole blocks, one after another, are the
-        # packing of their rows together; the small scales are copied
-        packed = _fuse_rows([m.int4_weight for m in linears], sizes)
-        scales_and_zeros = torch.cat([m.int4_scales_and_zeros.data for m in linears], dim=1).contiguous()
-        group_size = linears[0].int4_group_size
-        return FusedProjections(lambda x: cpu.int4_matmul(x, packed, group_size, scales_and_zeros), bias, sizes)
-    return None
-
-
-def _fuse_rows(params: list[nn.Parameter], sizes: list[int]) -> torch.Tensor:
-    fused = torch.cat([p.data for p in params])
-    _as_views(params, fused, sizes)
-    return fused
-
-
-def _as_views(params: list[nn.Parameter], fused: torch.Tensor, sizes: list[int]):
-    start = 0
-    for p, n in zip(params, sizes):
-        p.data = fused[start:start + n]
-        start += n
 
 
 def weight_bytes(module: nn.Module) -> int:
@@ -275,12 +262,12 @@ class LinearFactory:
     def __init__(self, quant: QuantConfig | None, ops: Ops):
         self.quant, self.ops = quant, ops
 
-    def __call__(self, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
-        q = self.quant
+    def __call__(self, partition: Partition, bias: bool = False) -> Partitioned:
+        q, n, k = self.quant, partition.out_features, partition.in_features
         if q is None:
-            return Linear(in_features, out_features, bias)
+            return Linear(k, n, bias, partition)
         if q.method == "int8":
-            return Int8Linear(in_features, out_features, bias, self.ops)
+            return Int8Linear(k, n, bias, self.ops, partition)
         if q.method == "gptq":
-            return GPTQLinear(in_features, out_features, bias, self.ops, q)
-        return BnbLinear(in_features, out_features, bias, q)
+            return GPTQLinear(k, n, bias, self.ops, q, partition)
+        return BnbLinear(k, n, bias, q, partition)

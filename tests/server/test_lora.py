@@ -120,9 +120,12 @@ def test_an_adapter_on_a_quantized_base_equals_peft_merged_onto_the_dequantized_
 
 
 def _dequantized(model) -> dict[str, torch.Tensor]:
-    """The float weights [out, in] each quantized projection computes with, by parameter name."""
-    weights = {name + ".weight": module.dequantized_weight() for name, module in model.named_modules()
-               if isinstance(module, (Int8Linear, GPTQLinear))}
+    """The float weights [out, in] each quantized projection computes with, by checkpoint name."""
+    weights = {}
+    for name, (module, part) in model.checkpoint_parts().items():
+        if isinstance(module, (Int8Linear, GPTQLinear)):
+            start = module.partition.out_offset(part)
+            weights[name + ".weight"] = module.dequantized_weight()[start:start + module.partition.outs[part].size]
     assert weights
     return weights
 

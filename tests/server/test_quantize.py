@@ -107,7 +107,7 @@ def test_gptq_beats_rtn_layer_by_layer_on_the_same_calibration(float_model, cali
 
 def test_gptq_checkpoint_loads_close_to_the_float_model_and_closer_than_rtn(float_model, gptq_checkpoint):
     model = load_model(gptq_checkpoint, torch.float32, CPU, 512)
-    layer = model.model.layers[0].self_attn.q_proj
+    layer = model.model.layers[0].self_attn.qkv_proj
     assert isinstance(layer, GPTQLinear) and layer.quant.desc_act
     # The act-order g_idx was in use, and loading sorted the rows by group (x is permuted to match).
     assert layer.perm is not None and not torch.equal(layer.perm, torch.arange(64))

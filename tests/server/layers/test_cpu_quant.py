@@ -113,33 +113,3 @@ def test_int8_with_k_the_kernel_refuses_keeps_the_reference():
     assert not layer.cpu_kernel
     x = torch.randn(2, 123)
     torch.testing.assert_close(layer(x), w8a16_reference(x, layer.weight, layer.scales))
-
-
-@pytest.mark.parametrize("sizes", [(576, 192, 192), (128, 64, 16), (64, 32)])
-def test_fused_int4_projections_equal_the_layers_they_fuse(sizes):
-    from server.layers.linear import fuse_for_cpu
-    layers = [gptq_layer(576, n, 4, 64, False, False, seed=i)[0] for i, n in enumerate(sizes)]
-    x = torch.randn(3, 576)
-    separate = [layer(x) for layer in layers]
-    fused = fuse_for_cpu(layers)
-    if any(n % 64 for n in sizes[:-1]):   # the packed blocks would straddle: left unfused
-        assert fused is None
-        return
-    for y, expected in zip(fused(x), separate):
-        assert torch.equal(y, expected)
-
-
-def test_fused_int8_projections_equal_the_layers_they_fuse():
-    from server.layers.linear import fuse_for_cpu
-    layers = []
-    for i, n in enumerate((96, 32, 32)):
-        torch.manual_seed(i)
-        layer = Int8Linear(128, n, False, select_ops(CPU))
-        layer.load_float_weight(torch.randn(n, 128))
-        layer.finish_loading()
-        layers.append(layer)
-    x = torch.randn(5, 128)
-    separate = [layer(x) for layer in layers]
-    for y, expected in zip(fuse_for_cpu(layers)(x), separate):
-        assert torch.equal(y, expected)
-    assert all(layer.weight.data.data_ptr() != 0 for layer in layers) and torch.equal(layers[1](x), separate[1])

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from server.layers.linear import BnbLinear, GPTQLinear, Int8Linear, LinearFactory, weight_bytes
 from server.layers.ops import select_ops
+from server.layers.partition import Partition
 from server.quantization.config import QuantConfig, resolve_quant
 
 # (mode, largest relative output error) on Gaussian weights with a bias, 256 inputs. Measured: int8 0.46%,
@@ -14,11 +15,12 @@ CPU = torch.device("cpu")
 
 
 def build(mode: str, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int = 128):
-    layer = LinearFactory(resolve_quant(mode, group_size, None), select_ops(CPU))(weight.shape[1], weight.shape[0],
-                                                                                  bias is not None)
+    layer = LinearFactory(resolve_quant(mode, group_size, None), select_ops(CPU))(
+        Partition.whole(weight.shape[1], weight.shape[0]), bias is not None)
     layer.load_float_weight(weight)
     if bias is not None:
         layer.bias.data.copy_(bias)
+    layer.finish_loading()
     return layer
 
 

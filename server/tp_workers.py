@@ -1,0 +1,235 @@
+"""Tensor-parallel workers: ranks 1..N-1 as processes of their own, each running its share of every forward pass.
+
+Rank 0 is the engine core's step thread: it schedules, broadcasts each step's inputs (a StepMessage) to the
+workers, runs its own share of the forward pass with them, and samples from the logits gathered on it. A
+worker builds its shard of the model and of the KV cache, then runs the steps it is sent until told to stop.
+A worker that dies ends the engine (TensorParallelWorkers.on_death), and a worker whose rank 0 dies is
+killed with it (PR_SET_PDEATHSIG), so no process outlives the server.
+"""
+import ctypes
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from server.layers.attention import AttentionGroup, AttentionMetadata
+from server.tensor_parallel import TensorParallel, connect, tcp_store
+
+log = logging.getLogger(__name__)
+STOP_TIMEOUT = 10.0   # seconds a worker has to exit once told to, before it is killed
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs to build its shard, the same as rank 0's."""
+    size: int
+    model_path: str
+    dtype: torch.dtype
+    device: str               # rank 0's device type: cpu, or cuda (rank r then takes cuda:r)
+    max_model_len: int
+    quant: str
+    quant_group_size: int
+    kernels: str
+    max_loras: int
+    max_lora_rank: int
+    threads: int              # torch threads per rank on the CPU
+
+
+@dataclass
+class KVCacheSpec:
+    num_blocks: int           # including the padding block
+    block_size: int
+
+
+@dataclass
+class StepMessage:
+    """One forward pass, as rank 0 runs it (tensors on the CPU)."""
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    lora_slots: torch.Tensor | None
+    logits_rows: list[torch.Tensor]       # the hidden rows of each compute_logits call rank 0 makes, in order
+    lora_installs: list = field(default_factory=list)   # (slot, LoRAAdapter) to write before the forward
+
+
+def _die_with_parent():
+    """Linux: the kernel kills this process when the process that started it dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _device(spec: WorkerSpec, rank: int) -> torch.device:
+    return torch.device(f"cuda:{rank}") if spec.device == "cuda" else torch.device(spec.device)
+
+
+def to_device(x, device: torch.device):
+    """A StepMessage's tensors (and those in its attention metadata) on device."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, AttentionMetadata):
+        return AttentionMetadata(to_device(x.slot_mapping, device), [to_device(g, device) for g in x.groups])
+    if isinstance(x, list):
+        return [to_device(v, device) for v in x]
+    if isinstance(x, AttentionGroup):
+        return AttentionGroup(to_device(x.tokens, device), to_device(x.block_tables, device), to_device(x.query_positions, device))
+    return x
+
+
+def worker_main(rank: int, spec: WorkerSpec, port: int, conn):
+    """A worker process: connect, load this rank's shard, report, then run steps until rank 0 says stop."""
+    _die_with_parent()
+    logging.basicConfig(level="INFO", format=f"%(asctime)s %(levelname)s tp-rank-{rank} %(name)s: %(message)s")
+    from server.loader import load_model
+    from server.lora import LoRAPool
+    torch.set_num_threads(spec.threads)
+    device = _device(spec, rank)
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        tp = connect(tcp_store(rank, spec.size, port), rank, spec.size, device)
+        model = load_model(spec.model_path, spec.dtype, device, spec.max_model_len, spec.quant,
+                           spec.quant_group_size, spec.kernels, tp)
+    except BaseException as e:
+        conn.send(f"{type(e).__name__}: {e}")
+        sys.exit(1)
+    conn.send(None)
+    cache: KVCacheSpec = tp.broadcast_object()
+    mc = model.config
+    kv_caches = [torch.zeros(2, cache.num_blocks, cache.block_size, model.num_kv_heads, mc.head_dim,
+                             dtype=spec.dtype, device=device) for _ in range(mc.num_layers)]
+    pool = LoRAPool(model.lora_shards(), spec.max_loras, spec.max_lora_rank, spec.dtype, device, model.ops.add_lora)
+    with torch.inference_mode():
+        while (msg := tp.broadcast_object()) is not None:
+            for slot, adapter in msg.lora_installs:
+                pool.fill(slot, adapter)
+            msg = StepMessage(*(to_device(getattr(msg, f), device) for f in ("input_ids", "positions", "meta",
+                                                                        "lora_slots", "logits_rows")))
+            pool.token_slots = msg.lora_slots
+            hidden = model(msg.input_ids, msg.positions, kv_caches, msg.meta, pool if msg.lora_slots is not None else None)
+            for rows in msg.logits_rows:
+                model.compute_logits(hidden[rows])
+    os._exit(0)   # the connections close with the process
+
+
+class WorkerStartError(RuntimeError):
+    pass
+
+
+class TensorParallelWorkers:
+    """Rank 0's side: starts the workers, sends them each step, watches that they live, stops them."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.stopping = False
+        self.on_death: Callable[[BaseException], None] | None = None   # set by the engine: it stops
+        ctx = multiprocessing.get_context("spawn")
+        store = tcp_store(0, spec.size)
+        self.processes, self.conns = [], []
+        for rank in range(1, spec.size):
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=worker_main, args=(rank, spec, store.port, child), name=f"lmserve-tp-{rank}",
+                            daemon=True)
+            p.start()
+            child.close()
+            self.processes.append(p)
+            self.conns.append(parent)
+        try:
+            self.tp: TensorParallel = self._while_workers_live(
+                lambda: connect(store, 0, spec.size, _device(spec, 0)), "joining the process group")
+        except BaseException:
+            self.stop()
+            raise
+
+    def _while_workers_live(self, fn, what: str):
+        """fn() on a thread of its own; a worker that exits meanwhile ends the wait with its error."""
+        result, done = {}, threading.Event()
+
+        def run():
+            try:
+                result["value"] = fn()
+            except BaseException as e:
+                result["error"] = e
+            done.set()
+
+        threading.Thread(target=run, daemon=True, name="lmserve-tp-wait").start()
+        while not done.wait(0.1):
+            for rank, p in enumerate(self.processes, 1):
+                if not p.is_alive():
+                    raise WorkerStartError(f"tensor-parallel rank {rank} exited while {what}: {self._reason(rank)}")
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def _reason(self, rank: int) -> str:
+        conn, p = self.conns[rank - 1], self.processes[rank - 1]
+        try:
+            if conn.poll(0.5):
+                message = conn.recv()
+                if message:
+                    return message
+        except (EOFError, OSError):
+            pass
+        return f"exit code {p.exitcode}"
+
+    def wait_loaded(self):
+        """Returns once every worker has loaded its shard; raises with a worker's error otherwise."""
+        for rank, (conn, p) in enumerate(zip(self.conns, self.processes), 1):
+            while not conn.poll(0.1):
+                if not p.is_alive():
+                    raise WorkerStartError(f"tensor-parallel rank {rank} failed to load its shard: {self._reason(rank)}")
+            message = conn.recv()
+            if message is not None:
+                raise WorkerStartError(f"tensor-parallel rank {rank} failed to load its shard: {message}")
+        threading.Thread(target=self._watch, daemon=True, name="lmserve-tp-watch").start()
+
+    def send(self, obj):
+        """A KVCacheSpec once, then a StepMessage per step (rank 0's step thread only)."""
+        self.tp.broadcast_object(obj)
+
+    def _watch(self):
+        sentinels = {p.sentinel: rank for rank, p in enumerate(self.processes, 1)}
+        ready = multiprocessing.connection.wait(list(sentinels))
+        if self.stopping:
+            return
+        rank = sentinels[ready[0]]
+        error = RuntimeError(f"tensor-parallel rank {rank} died (exit code {self.processes[rank - 1].exitcode})")
+        log.error("%s; the engine stops", error)
+        if self.on_death is not None:
+            self.on_death(error)
+
+    def stop(self):
+        """Tells the workers to exit (they may close their connections as soon as they hear it), then makes
+        sure they have."""
+        if self.stopping:
+            return
+        self.stopping = True
+        tp = getattr(self, "tp", None)
+        if tp is not None and all(p.is_alive() for p in self.processes):
+            sender = threading.Thread(target=self._send_stop, args=(tp,), daemon=True, name="lmserve-tp-stop")
+            sender.start()
+            sender.join(STOP_TIMEOUT)
+        for rank, p in enumerate(self.processes, 1):
+            p.join(STOP_TIMEOUT)
+            if p.is_alive():
+                log.warning("tensor-parallel rank %d did not exit; killing it", rank)
+                p.kill()
+                p.join()
+        if tp is not None:
+            tp.shutdown()
+            self.tp = None
+
+    @staticmethod
+    def _send_stop(tp: TensorParallel):
+        try:
+            tp.broadcast_object(None)
+        except RuntimeError as e:   # a worker that exits at once may reset its connection first
+            log.debug("stop message: %s", e)
