@@ -484,6 +484,8 @@ class EngineCore:
             try:
                 result = await step
             except Exception as exc:  # one bad step fails the requests in it, not the server
+                if self.tp_workers is not None:
+                    raise   # the ranks' collectives are out of step (or a rank is gone): the engine cannot go on
                 log.exception("engine step failed")
                 self._fail(out, exc)
                 continue

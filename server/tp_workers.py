@@ -4,14 +4,16 @@ Rank 0 is the engine core's step thread: it schedules, broadcasts each step's in
 workers, runs its own share of the forward pass with them, and samples from the logits gathered on it. A
 worker builds its shard of the model and of the KV cache, then runs the steps it is sent until told to stop.
 A worker that dies ends the engine (TensorParallelWorkers.on_death), and a worker whose rank 0 dies is
-killed with it (PR_SET_PDEATHSIG), so no process outlives the server.
+killed with it (PR_SET_PDEATHSIG), so no process outlives the server. Workers are started as `python -m
+server.tp_workers`, not multiprocessing children, since the engine core is itself a daemonic process.
 """
 import ctypes
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
+import pickle
+import select
 import signal
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -84,8 +86,9 @@ def to_device(x, device: torch.device):
     return x
 
 
-def worker_main(rank: int, spec: WorkerSpec, port: int, conn):
-    """A worker process: connect, load this rank's shard, report, then run steps until rank 0 says stop."""
+def worker_main(rank: int, spec: WorkerSpec, port: int, status):
+    """A worker process: connect, load this rank's shard, report on `status` (one line: ok, or the error),
+    then run steps until rank 0 says stop."""
     _die_with_parent()
     logging.basicConfig(level="INFO", format=f"%(asctime)s %(levelname)s tp-rank-{rank} %(name)s: %(message)s")
     from server.loader import load_model
@@ -99,9 +102,11 @@ def worker_main(rank: int, spec: WorkerSpec, port: int, conn):
         model = load_model(spec.model_path, spec.dtype, device, spec.max_model_len, spec.quant,
                            spec.quant_group_size, spec.kernels, tp)
     except BaseException as e:
-        conn.send(f"{type(e).__name__}: {e}")
+        status.write(" ".join(f"{type(e).__name__}: {e}".split()) + "\n")
+        status.flush()
         sys.exit(1)
-    conn.send(None)
+    status.write("ok\n")
+    status.flush()
     cache: KVCacheSpec = tp.broadcast_object()
     mc = model.config
     kv_caches = [torch.zeros(2, cache.num_blocks, cache.block_size, model.num_kv_heads, mc.head_dim,
@@ -112,7 +117,7 @@ def worker_main(rank: int, spec: WorkerSpec, port: int, conn):
             for slot, adapter in msg.lora_installs:
                 pool.fill(slot, adapter)
             msg = StepMessage(*(to_device(getattr(msg, f), device) for f in ("input_ids", "positions", "meta",
-                                                                        "lora_slots", "logits_rows")))
+                                                                              "lora_slots", "logits_rows")))
             pool.token_slots = msg.lora_slots
             hidden = model(msg.input_ids, msg.positions, kv_caches, msg.meta, pool if msg.lora_slots is not None else None)
             for rows in msg.logits_rows:
@@ -125,23 +130,22 @@ class WorkerStartError(RuntimeError):
 
 
 class TensorParallelWorkers:
-    """Rank 0's side: starts the workers, sends them each step, watches that they live, stops them."""
+    """Rank 0's side: starts the workers (python -m server.tp_workers RANK PORT, the WorkerSpec pickled on
+    stdin, the status line on stdout), sends them each step, watches that they live, stops them."""
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.stopping = False
         self.on_death: Callable[[BaseException], None] | None = None   # set by the engine: it stops
-        ctx = multiprocessing.get_context("spawn")
         store = tcp_store(0, spec.size)
-        self.processes, self.conns = [], []
+        self.processes: list[subprocess.Popen] = []
         for rank in range(1, spec.size):
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=worker_main, args=(rank, spec, store.port, child), name=f"lmserve-tp-{rank}",
-                            daemon=True)
-            p.start()
-            child.close()
+            p = subprocess.Popen([sys.executable, "-m", "server.tp_workers", str(rank), str(store.port)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            p.stdin.write(pickle.dumps(spec))
+            p.stdin.close()
+            log.info("tensor-parallel rank %d started as process %d", rank, p.pid)
             self.processes.append(p)
-            self.conns.append(parent)
         try:
             self.tp: TensorParallel = self._while_workers_live(
                 lambda: connect(store, 0, spec.size, _device(spec, 0)), "joining the process group")
@@ -163,45 +167,41 @@ class TensorParallelWorkers:
         threading.Thread(target=run, daemon=True, name="lmserve-tp-wait").start()
         while not done.wait(0.1):
             for rank, p in enumerate(self.processes, 1):
-                if not p.is_alive():
-                    raise WorkerStartError(f"tensor-parallel rank {rank} exited while {what}: {self._reason(rank)}")
+                if p.poll() is not None:
+                    raise WorkerStartError(f"tensor-parallel rank {rank} exited while {what}: {self._reason(p)}")
         if "error" in result:
             raise result["error"]
         return result["value"]
 
-    def _reason(self, rank: int) -> str:
-        conn, p = self.conns[rank - 1], self.processes[rank - 1]
-        try:
-            if conn.poll(0.5):
-                message = conn.recv()
-                if message:
-                    return message
-        except (EOFError, OSError):
-            pass
-        return f"exit code {p.exitcode}"
+    @staticmethod
+    def _reason(p: subprocess.Popen) -> str:
+        p.wait()
+        return p.stdout.read().decode(errors="replace").strip() or f"exit code {p.returncode}"
 
     def wait_loaded(self):
         """Returns once every worker has loaded its shard; raises with a worker's error otherwise."""
-        for rank, (conn, p) in enumerate(zip(self.conns, self.processes), 1):
-            while not conn.poll(0.1):
-                if not p.is_alive():
-                    raise WorkerStartError(f"tensor-parallel rank {rank} failed to load its shard: {self._reason(rank)}")
-            message = conn.recv()
-            if message is not None:
-                raise WorkerStartError(f"tensor-parallel rank {rank} failed to load its shard: {message}")
-        threading.Thread(target=self._watch, daemon=True, name="lmserve-tp-watch").start()
+        for rank, p in enumerate(self.processes, 1):
+            line = b""
+            while not line:
+                if select.select([p.stdout], [], [], 0.1)[0]:
+                    line = p.stdout.readline() or b"(no status: the worker exited)"
+                elif p.poll() is not None:
+                    line = self._reason(p).encode()
+            if line.strip() != b"ok":
+                raise WorkerStartError(f"tensor-parallel rank {rank} failed to load its shard: "
+                                       f"{line.decode(errors='replace').strip()}")
+        for rank, p in enumerate(self.processes, 1):
+            threading.Thread(target=self._watch, args=(rank, p), daemon=True, name=f"lmserve-tp-watch-{rank}").start()
 
     def send(self, obj):
         """A KVCacheSpec once, then a StepMessage per step (rank 0's step thread only)."""
         self.tp.broadcast_object(obj)
 
-    def _watch(self):
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self.processes, 1)}
-        ready = multiprocessing.connection.wait(list(sentinels))
+    def _watch(self, rank: int, p: subprocess.Popen):
+        code = p.wait()
         if self.stopping:
             return
-        rank = sentinels[ready[0]]
-        error = RuntimeError(f"tensor-parallel rank {rank} died (exit code {self.processes[rank - 1].exitcode})")
+        error = RuntimeError(f"tensor-parallel rank {rank} died (exit code {code})")
         log.error("%s; the engine stops", error)
         if self.on_death is not None:
             self.on_death(error)
@@ -213,16 +213,18 @@ class TensorParallelWorkers:
             return
         self.stopping = True
         tp = getattr(self, "tp", None)
-        if tp is not None and all(p.is_alive() for p in self.processes):
+        if tp is not None and all(p.poll() is None for p in self.processes):
             sender = threading.Thread(target=self._send_stop, args=(tp,), daemon=True, name="lmserve-tp-stop")
             sender.start()
             sender.join(STOP_TIMEOUT)
         for rank, p in enumerate(self.processes, 1):
-            p.join(STOP_TIMEOUT)
-            if p.is_alive():
+            try:
+                p.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
                 log.warning("tensor-parallel rank %d did not exit; killing it", rank)
                 p.kill()
-                p.join()
+                p.wait()
+            p.stdout.close()
         if tp is not None:
             tp.shutdown()
             self.tp = None
@@ -233,3 +235,9 @@ class TensorParallelWorkers:
             tp.broadcast_object(None)
         except RuntimeError as e:   # a worker that exits at once may reset its connection first
             log.debug("stop message: %s", e)
+
+
+if __name__ == "__main__":
+    status_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)   # anything else printed goes to stderr; stdout carries the status line only
+    worker_main(int(sys.argv[1]), pickle.load(sys.stdin.buffer), int(sys.argv[2]), status_out)

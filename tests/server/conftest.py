@@ -1,6 +1,7 @@
 """A server (HTTP and gRPC) on a background thread of the test process, its engine core in-process or in a process
 of its own, so tests can call it and (in-process) inspect its engine."""
 import asyncio
+import json
 import re
 import threading
 import time
@@ -17,6 +18,8 @@ from server.engine_client import in_process_engine
 from server.mp_engine_client import MultiprocessEngineClient, start_engine_core
 from server.grpc_service import start_grpc_server
 from server.http.app import build_app
+from server.tiny_model import build_checkpoint
+from tests.conftest import TINY
 
 MODEL_NAME = "tiny-llama"
 
@@ -155,3 +158,29 @@ def peft_adapters(llama, tmp_path_factory) -> dict[str, str]:
     return {"alpha": make_peft_adapter(llama, root / "alpha", seed=1),
             "beta": make_peft_adapter(llama, root / "beta", seed=2, targets=["q_proj", "v_proj"], rank=4,
                                       rslora=True)}
+
+
+# A float model and its 4-bit act-order GPTQ checkpoint (python -m server.quantize on calibration text).
+@pytest.fixture(scope="session")
+def float_model(tmp_path_factory) -> str:
+    return str(build_checkpoint(tmp_path_factory.mktemp("qmodel") / "llama", seed=3, std=0.05, **TINY))
+
+
+@pytest.fixture(scope="session")
+def calibration(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
+    words = "the model serves requests quickly while the cache keeps every block it needs for later tokens".split()
+    lines = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(40))} for i in range(24)]
+    lines += [{"prompt": "What is a KV cache? ", "completion": "It stores keys and values."},
+              {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def gptq_checkpoint(float_model, calibration, tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("gptq") / "llama-gptq"
+    from server.quantize import main
+    main(["--model", float_model, "--out", str(out), "--method", "gptq", "--bits", "4", "--group-size", "32",
+          "--act-order", "--calibration", calibration, "--device", "cpu"])
+    return str(out)

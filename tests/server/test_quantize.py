@@ -16,41 +16,16 @@ from safetensors import safe_open
 
 from server.config import EngineConfig
 from server.engine_client import in_process_engine
-from server.tiny_model import build_checkpoint
 from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.layers.linear import GPTQLinear
 from server.loader import CheckpointError, load_model
 from server.quantize import QuantizeSettings, main, quantize_model, read_calibration
 from server.sampling import SamplingParams
 from server.tokenizer import load_tokenizer
-from tests.conftest import TINY, collect, random_prompts, run
+from tests.conftest import collect, random_prompts, run
 
 CPU = torch.device("cpu")
 PROMPT = random_prompts(1, [64], seed=5, high=250)[0]
-
-
-@pytest.fixture(scope="module")
-def float_model(tmp_path_factory) -> str:
-    return str(build_checkpoint(tmp_path_factory.mktemp("qmodel") / "llama", seed=3, std=0.05, **TINY))
-
-
-@pytest.fixture(scope="module")
-def calibration(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("calib") / "calib.jsonl"
-    words = "the model serves requests quickly while the cache keeps every block it needs for later tokens".split()
-    lines = [{"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(40))} for i in range(24)]
-    lines += [{"prompt": "What is a KV cache? ", "completion": "It stores keys and values."},
-              {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}]
-    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def gptq_checkpoint(float_model, calibration, tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("gptq") / "llama-gptq"
-    main(["--model", float_model, "--out", str(out), "--method", "gptq", "--bits", "4", "--group-size", "32",
-          "--act-order", "--calibration", calibration, "--device", "cpu"])
-    return str(out)
 
 
 def logits(model, ids: list[int]) -> torch.Tensor:
