@@ -31,6 +31,8 @@ from server.loader import load_hf_config, load_model
 from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
 from server.metrics import EngineMetrics, EngineState
 from server.model_runner import ModelRunner
+from server.models.llama import check_tensor_parallel
+from server.models.model_config import ModelConfig
 from server.model_source import resolve_model
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.structured_output import GrammarCompiler
@@ -103,6 +105,7 @@ class EngineCore:
 
     def _start_tp_workers(self, config: EngineConfig) -> TensorParallel:
         size = config.tensor_parallel_size
+        check_tensor_parallel(ModelConfig.from_hf(load_hf_config(self.model_path)), size)
         if self.device.type == "cuda" and torch.cuda.device_count() < size:
             raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
         if self.device.type == "cuda" and self.device.index not in (None, 0):

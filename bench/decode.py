@@ -9,6 +9,9 @@ prints the ratio. --peer transformers also times transformers' greedy `generate`
 (its static cache, which makes generate compile the decode step with torch.compile on CUDA: gpt-fast's recipe):
 
     python -m bench.decode --model random:llama-2-7b --dtype float16 --quant int4 --batch 1
+
+With --tensor-parallel-size N the bytes are rank 0's share (each rank reads its own shard at the same time, from
+its own GPU's memory); on the CPU the ranks share one memory bus, so the floor there is N times too high.
 """
 import argparse
 import asyncio
@@ -35,10 +38,11 @@ class DecodeReport:
     quant: str
     kernels: str
     cuda_graphs: bool              # decode steps replayed CUDA graphs (off with --enforce-eager, and on CPU)
+    tensor_parallel_size: int
     batch: int
     context_tokens: int            # prompt + generated, at the end
     weight_bytes: int              # every weight the model holds
-    bytes_per_step: int            # what one decode step must read: weights but the embedding table, plus KV
+    bytes_per_step: int            # what one decode step must read (per rank): weights but the embedding table, plus KV
     copy_gb_per_s: float           # measured device copy bandwidth (read + written)
     floor_tokens_per_s: float      # per sequence: copy bandwidth / bytes_per_step
     tokens_per_s: float            # per sequence: 1 / median inter-token time
@@ -53,13 +57,13 @@ class DecodeReport:
 
 def bytes_per_step(engine: InProcessEngineClient, context_tokens: int, batch: int) -> int:
     """Weights a decode step reads (the embedding table only by rows, so not counted unless tied to lm_head),
-    plus the K and V of every layer over the context, per sequence."""
+    plus the K and V of every layer over the context, per sequence: rank 0's share under tensor parallelism."""
     model = engine.core.model
     embedding = model.model.embed_tokens.weight
     tied = model.lm_head.weight is embedding
     weights = model.weight_bytes - (0 if tied else embedding.numel() * embedding.element_size())
     cfg = model.config
-    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.core.dtype.itemsize
+    kv = 2 * cfg.num_layers * model.num_kv_heads * cfg.head_dim * engine.core.dtype.itemsize
     return weights + batch * context_tokens * kv
 
 
@@ -84,7 +88,8 @@ async def measure(engine: InProcessEngineClient, batch: int, prompt_tokens: int,
     return DecodeReport(
         model=str(engine.model_path), device=str(engine.core.device), dtype=str(engine.core.dtype).removeprefix("torch."),
         quant=engine.core.config.quant, kernels=engine.core.model.ops.name,
-        cuda_graphs=engine.core.runner.decode_graphs is not None, batch=batch, context_tokens=context,
+        cuda_graphs=engine.core.runner.decode_graphs is not None,
+        tensor_parallel_size=engine.core.config.tensor_parallel_size, batch=batch, context_tokens=context,
         weight_bytes=engine.core.model.weight_bytes, bytes_per_step=step_bytes, copy_gb_per_s=bandwidth / 1e9,
         floor_tokens_per_s=bandwidth / step_bytes, tokens_per_s=1 / p50, total_tokens_per_s=batch / p50,
         inter_token_ms_p50=1000 * p50, inter_token_ms_p90=1000 * statistics.quantiles(gaps, n=10)[-1])
@@ -124,7 +129,7 @@ def transformers_tokens_per_s(model: str, dtype: torch.dtype, device: torch.devi
 def format_report(r: DecodeReport) -> str:
     return "\n".join([
         f"model {r.model}  device {r.device}  dtype {r.dtype}  quant {r.quant}  kernels {r.kernels}  "
-        f"cuda graphs {'on' if r.cuda_graphs else 'off'}",
+        f"cuda graphs {'on' if r.cuda_graphs else 'off'}  tensor-parallel size {r.tensor_parallel_size}",
         f"batch {r.batch}  context {r.context_tokens} tokens  weights {r.weight_bytes / 2**30:.3f} GiB  "
         f"read per step {r.bytes_per_step / 2**30:.3f} GiB",
         f"copy bandwidth {r.copy_gb_per_s:.1f} GB/s  ->  floor {r.floor_tokens_per_s:.1f} tok/s per sequence",
@@ -137,7 +142,7 @@ def format_report(r: DecodeReport) -> str:
 async def main(args) -> DecodeReport:
     engine = in_process_engine(EngineConfig(model=args.model, quant=args.quant, dtype=args.dtype, quant_group_size=args.group_size,
                                       max_batch_size=max(args.batch, 1), max_wait_ms=0, enable_prefix_caching=False,
-                                      enforce_eager=args.enforce_eager,
+                                      enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
                                       kv_cache_tokens=args.batch * (args.prompt_tokens + args.output_tokens + 64),
                                       max_model_len=args.prompt_tokens + args.output_tokens + 16))
     try:
@@ -168,6 +173,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, as python -m server --enforce-eager")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="as python -m server --tensor-parallel-size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer", choices=["transformers"], default=None, help="also time this peer on the same weights")
     p.add_argument("--json", default=None, help="also write the report here")

@@ -1,12 +1,15 @@
 """Linear layers: full precision, int8, GPTQ (also int4 round-to-nearest), and bitsandbytes; one is chosen at load.
 
-Parameters are filled by the loader, never initialised. A quantized layer built over a float checkpoint
-takes each float weight through load_float_weight(), so only one float tensor is ever held at a time;
-a GPTQ checkpoint fills qweight / qzeros / scales / g_idx by name. The loader then calls finish_loading(),
-where an act-order GPTQ layer sorts its rows by group once, so the kernels' fast path serves it, and, with the
-torch ops on CPU, quantized layers take PyTorch's packed kernels (kernels/quant_matmul_cpu.py): int8 keeps its
-weight and stores its scales in the kernels' dtype; 4-bit GPTQ is repacked into the int4 layout, and a GPTQ
-layer no kernel serves is dequantized to a float weight, once. Either way the GPTQ tensors are dropped.
+Parameters are filled by the loader, never initialised. Each layer holds a Partition of the checkpoint's
+tensors (server/layers/partition.py: fused projections side by side, a tensor-parallel rank's shard), and
+loads them part by part: a quantized layer built over a float checkpoint takes each float weight through
+load_float_weight(), quantizing the whole checkpoint tensor and keeping its share, so every tensor-parallel
+size computes with the same numbers; a GPTQ checkpoint fills qweight / qzeros / scales / g_idx by name through
+load(). The loader then calls finish_loading(), where an act-order GPTQ layer sorts its rows by group once, so
+the kernels' fast path serves it, and, with the torch ops on CPU, quantized layers take PyTorch's packed
+kernels (kernels/quant_matmul_cpu.py): int8 keeps its weight and stores its scales in the kernels' dtype;
+4-bit GPTQ is repacked into the int4 layout, and a GPTQ layer no kernel serves is dequantized to a float
+weight, once. Either way the GPTQ tensors are dropped.
 """
 import torch
 from torch import nn

@@ -37,6 +37,13 @@ def head_shards(cfg: ModelConfig, tp: TensorParallel) -> tuple[Shard, Shard]:
     return Shard(heads * dh, q.start * dh, q.size * dh), Shard(kv_heads * dh, kv.start * dh, kv.size * dh)
 
 
+def check_tensor_parallel(cfg: ModelConfig, size: int):
+    """Raises ValueError unless `size` ranks can split the model's heads and MLP (before any rank starts)."""
+    tp = TensorParallel(rank=0, size=size)
+    head_shards(cfg, tp)
+    even_shard(cfg.intermediate_size, 0, size, "intermediate_size")
+
+
 def _project(module: nn.Module, name: str, layer_idx: int, x: torch.Tensor, lora) -> torch.Tensor:
     """One projection, plus each row's LoRA delta when adapters are in the batch (server/lora.py)."""
     y = getattr(module, name)(x)

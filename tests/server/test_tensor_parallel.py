@@ -144,6 +144,29 @@ def test_an_act_order_gptq_checkpoint_on_two_ranks_gives_one_ranks_tokens(gptq_c
 def test_a_size_that_does_not_split_the_heads_is_refused_before_any_worker_starts(llama):
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by the tensor-parallel size 3"):
         engine(llama, 3)
+    assert not worker_pids(os.getpid())
+
+
+def test_sampled_and_prompt_logprobs_across_ranks_equal_one_ranks(llama):
+    # the logits of every sampled row and of every scored prompt position are gathered from both ranks
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, prompt_logprobs=2)
+    prompt = random_prompts(1, [21], seed=18)[0]
+    results = {}
+    for tp in (1, 2):
+        e = engine(llama, tp)
+
+        async def main():
+            try:
+                return [out async for out in e.generate(prompt, params)]
+            finally:
+                await e.core.shutdown()
+        outs = run(main())
+        results[tp] = ([t for o in outs for t in (o.logprobs or [])], outs[0].prompt_logprobs)
+    (sampled1, prompt1), (sampled2, prompt2) = results[1], results[2]
+    assert [t.token_id for t in sampled2] == [t.token_id for t in sampled1] and len(prompt2) == len(prompt1) == 21
+    for a, b in zip(sampled1 + prompt1[1:], sampled2 + prompt2[1:]):
+        assert a.top_logprobs.keys() == b.top_logprobs.keys()
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
 
 
 def test_a_worker_that_dies_while_idle_turns_health_to_503(llama):
