@@ -63,6 +63,14 @@ class EngineCore:
         if self.max_model_len > hf_config.max_position_embeddings:
             raise ValueError(f"max_model_len must be at most the model's max_position_embeddings "
                              f"({hf_config.max_position_embeddings}); got {self.max_model_len}")
+        self.failure: BaseException | None = None    # why the engine stopped (its step loop or a worker died)
+        self.on_loop_death = None                    # called with that exception (the server exits non-zero)
+        self._loop_task: asyncio.Task | None = None
+        self._started = False
+        try:
+            self._home_loop = asyncio.get_running_loop()   # where a dead worker is reported before the first request
+        except RuntimeError:
+            self._home_loop = None
         # All of the model's work runs on the step thread, loading included (server/cpu_threads.py).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-step")
         try:
@@ -81,17 +89,13 @@ class EngineCore:
         self._pinned: set[Sequence] = set()      # requests holding their adapter's device slot
         self._awaiting_grammar = 0               # requests whose grammar is being compiled
         self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
         self.num_steps = 0
         self.draining = False
-        self.failure: BaseException | None = None    # why the step loop died, once it has
-        self.on_loop_death = None                    # called with that exception (the server exits non-zero)
-        try:
-            self._home_loop = asyncio.get_running_loop()   # where a dead worker is reported before the first request
-        except RuntimeError:
-            self._home_loop = None
-        if self.tp_workers is not None:
-            self.tp_workers.on_death = self._on_worker_death
+        self._started = True
+        if self.failure is not None:   # a tensor-parallel worker died while the engine started
+            self._executor.submit(self.tp_workers.kill).result()
+            self._executor.shutdown(wait=False)
+            raise RuntimeError(f"the engine could not start: {self.failure}")
 
     def _load_model(self, config: EngineConfig):
         """The model, its KV cache, the adapters named at start and the model runner (on the step thread)."""
@@ -115,15 +119,16 @@ class EngineCore:
             torch.set_num_threads(threads)
         self.tp_workers = TensorParallelWorkers(WorkerSpec(
             size, str(self.model_path), self.dtype, self.device.type, self.max_model_len, config.quant,
-            config.quant_group_size, config.kernels, config.max_loras, config.max_lora_rank, threads))
+            config.quant_group_size, config.kernels, config.max_loras, config.max_lora_rank, threads,
+            config.block_size, config.kv_cache_tokens, config.kv_cache_memory_fraction, config.max_batch_size))
+        self.tp_workers.on_death = self._on_worker_death
         return self.tp_workers.tp
 
     def _load_model_and_cache(self, config: EngineConfig):
         tp = self._start_tp_workers(config) if config.tensor_parallel_size > 1 else SINGLE
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len, config.quant,
                                 config.quant_group_size, config.kernels, tp)
-        if self.tp_workers is not None:
-            self.tp_workers.wait_loaded()
+        worker_blocks = self.tp_workers.wait_loaded() if self.tp_workers is not None else None
         if self.model.ops.name == "triton" and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16 with the Triton kernels; got {config.block_size}")
         mc = self.model.config
@@ -132,6 +137,8 @@ class EngineCore:
         num_blocks = size_kv_cache(per_token, config.block_size, self.device, config.kv_cache_tokens,
                                    config.kv_cache_memory_fraction, config.max_batch_size * self.max_model_len,
                                    min_tokens=self.max_model_len)
+        if worker_blocks is not None:   # every rank holds the same blocks: as many as the tightest one can
+            num_blocks = min(num_blocks, worker_blocks)
         self.kv_cache_tokens = num_blocks * config.block_size
         # One block more than the BlockManager hands out: block tables are padded with it (ModelRunner), so
         # padding never reads a block another sequence writes (whose NaN would spread through 0 * NaN).
@@ -402,12 +409,16 @@ class EngineCore:
             self._loop_task.cancel()
             try:
                 await self._loop_task
-            except asyncio.CancelledError:
+            except BaseException:   # cancelled, or the exception it died of (logged then)
                 pass
-        self._executor.shutdown(wait=True)
+        if self.tp_workers is not None and self.failure is not None:
+            self.tp_workers.kill()   # a step may be stuck in a collective with a dead rank: do not wait for it
+            self._executor.shutdown(wait=False)
+        else:
+            if self.tp_workers is not None:   # on the step thread, after any step still running: the workers die
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.tp_workers.stop)   # with it
+            self._executor.shutdown(wait=True)
         self.runner.shutdown()
-        if self.tp_workers is not None:
-            self.tp_workers.stop()
         self.grammars.shutdown()
 
     # --- the step loop -------------------------------------------------------------------------
@@ -444,10 +455,10 @@ class EngineCore:
             self.on_loop_death(exc)
 
     def _on_worker_death(self, exc: BaseException):
-        """From the workers' watch thread: the engine dies on its event loop."""
+        """From a worker's watch thread: the engine dies on its event loop (health turns false at once)."""
         loop = self._loop_task.get_loop() if self._loop_task is not None else self._home_loop
-        if loop is None or loop.is_closed():
-            self.failure = exc
+        if not self._started or loop is None or loop.is_closed():
+            self.failure = self.failure or exc
         else:
             loop.call_soon_threadsafe(self._die, exc)
 
@@ -529,9 +540,7 @@ class EngineCore:
     def _clear_blocks(self, seq: Sequence):
         blocks = self.block_manager.forget_exclusive_blocks(seq)
         if blocks:
-            index = torch.tensor(blocks, device=self.device)
-            for cache in self.runner.kv_caches:
-                cache.index_fill_(1, index, 0)
+            self.runner.clear_blocks(blocks)
 
     def _expire(self, now: float):
         limit = self.config.request_timeout

@@ -95,9 +95,12 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
     missing = sorted(expected - loaded)
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-    for module in model.modules():
+    for name, module in model.named_modules():
         if hasattr(module, "finish_loading"):
-            module.finish_loading()
+            try:
+                module.finish_loading()
+            except ValueError as e:   # what the tensors say together: g_idx out of range, fused parts that disagree
+                raise CheckpointError(f"checkpoint {path}: {name}: {e}") from None
     if device.type == "cpu" and linear.ops.name == "torch":
         for module in model.modules():
             if hasattr(module, "use_cpu_matmul"):
@@ -127,7 +130,7 @@ def _read_checkpoint(path: Path, cfg: ModelConfig, parts: dict, plain: dict, gpt
                         m, part = parts[module_name]
                         if leaf == "weight" and not gptq:
                             m.load_float_weight(f.get_tensor(name), part)
-                        elif leaf in m.AXES and (leaf != "bias" or m.bias is not None):
+                        elif leaf in m.AXES and (leaf != "bias" or m.bias is not None) and (gptq or leaf == "bias"):
                             m.load(leaf, f.get_tensor(name), part)
                         elif leaf == "bias" and _is_zero(f.get_tensor(name)):
                             continue  # auto-gptq writes an all-zero bias for every quantized layer

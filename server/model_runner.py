@@ -30,6 +30,7 @@ class PreparedBatch:
     prompt_scoring: list[tuple[Sequence, torch.Tensor, torch.Tensor]]  # (seq, batch rows, next prompt tokens)
     lora_slots: torch.Tensor | None  # [T] each token's adapter pool slot, -1 for the base model; None: base only
     lora_installs: list = field(default_factory=list)   # tensor parallelism: adapter slots the workers must fill first
+    clear_blocks: list[int] = field(default_factory=list)   # and KV blocks they must zero first
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ModelRunner:
         self.model = model
         self.lora_pool = lora_pool
         self.tp_workers = tp_workers     # tensor parallelism: each step is sent to the other ranks first
+        self._blocks_to_clear: list[int] = []   # on the other ranks, with the next step
         if tp_workers is not None and lora_pool is not None:
             lora_pool.pending = []
         self.kv_caches = kv_caches       # per layer: [2, num_blocks, block_size, Hkv, Dh]
@@ -59,6 +61,15 @@ class ModelRunner:
 
     def shutdown(self):
         self._mask_filler.shutdown(wait=True)
+
+    def clear_blocks(self, blocks: list[int]):
+        """Zeroes KV blocks (a failed row's NaN must not reach their next owner), on every rank: the others
+        with the next step (called on the loop's thread, between steps)."""
+        index = torch.tensor(blocks, device=self.device)
+        for cache in self.kv_caches:
+            cache.index_fill_(1, index, 0)
+        if self.tp_workers is not None:
+            self._blocks_to_clear += blocks
 
     def prepare(self, out: SchedulerOutput) -> PreparedBatch:
         bs = self.block_size
@@ -92,14 +103,17 @@ class ModelRunner:
         # The loop appends to token_ids only after run() returns, so the worker may read them in place.
         rows = [SamplerRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
                            s.grammar if s.grammar_armed else None) for s in sample_seqs]
-        installs = []
+        installs, clears = [], []
         if self.lora_pool is not None and self.lora_pool.pending:   # made on this (the loop's) thread
             installs, self.lora_pool.pending = self.lora_pool.pending, []
+        if self._blocks_to_clear:
+            clears, self._blocks_to_clear = self._blocks_to_clear, []
         return PreparedBatch(
             input_ids=self._tensor(input_ids), positions=self._tensor(positions),
             meta=AttentionMetadata(self._tensor(slots), groups),
             sample_indices=self._tensor(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows, prompt_scoring=scoring,
-            lora_slots=self._tensor(lora_slots) if any(s >= 0 for s in lora_slots) else None, lora_installs=installs)
+            lora_slots=self._tensor(lora_slots) if any(s >= 0 for s in lora_slots) else None, lora_installs=installs,
+            clear_blocks=clears)
 
     def _group(self, tokens: slice, seqs: list[Sequence], query_positions: list[list[int]]) -> AttentionGroup:
         # Each row's blocks up to its last query, padded with the padding block (masked) to the group's longest.
@@ -146,7 +160,8 @@ class ModelRunner:
         logits_rows = ([batch.sample_indices] if batch.sample_seqs else []) + [rows for _, rows, _ in batch.prompt_scoring]
         cpu = torch.device("cpu")
         return StepMessage(*(to_device(x, cpu) for x in (batch.input_ids, batch.positions, batch.meta, batch.lora_slots,
-                                                         logits_rows)), lora_installs=batch.lora_installs)
+                                                         logits_rows)),
+                           lora_installs=batch.lora_installs, clear_blocks=batch.clear_blocks)
 
 
 def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplerRow],

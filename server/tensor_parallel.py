@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)   # a rank that stops answering ends its peers' waits with an error
+IDLE_TIMEOUT = timedelta(days=365)           # the step messages: workers wait for the next one as long as it takes
 
 
 @dataclass
@@ -78,7 +79,7 @@ def tcp_store(rank: int, size: int, port: int = 0) -> dist.TCPStore:
 
 def connect(store: dist.TCPStore, rank: int, size: int, device: torch.device) -> TensorParallel:
     """Joins the ranks' groups (blocks until every rank has joined)."""
-    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, COLLECTIVE_TIMEOUT)
+    control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, IDLE_TIMEOUT)
     if device.type == "cuda":
         group = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, size)
     else:

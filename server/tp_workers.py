@@ -42,6 +42,10 @@ class WorkerSpec:
     max_loras: int
     max_lora_rank: int
     threads: int              # torch threads per rank on the CPU
+    block_size: int           # the KV cache sizing settings, from which each rank says how many blocks it can hold
+    kv_cache_tokens: int | None
+    kv_cache_memory_fraction: float | None
+    max_batch_size: int
 
 
 @dataclass
@@ -59,10 +63,12 @@ class StepMessage:
     lora_slots: torch.Tensor | None
     logits_rows: list[torch.Tensor]       # the hidden rows of each compute_logits call rank 0 makes, in order
     lora_installs: list = field(default_factory=list)   # (slot, LoRAAdapter) to write before the forward
+    clear_blocks: list[int] = field(default_factory=list)   # KV blocks to zero first (a failed row's NaN)
 
 
 def _die_with_parent():
-    """Linux: the kernel kills this process when the process that started it dies."""
+    """Linux: the kernel kills this process when the thread that started it ends (rank 0's step thread, which
+    lives until the engine has stopped the workers, or the whole process dying)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -75,8 +81,8 @@ def _device(spec: WorkerSpec, rank: int) -> torch.device:
 
 def to_device(x, device: torch.device):
     """A StepMessage's tensors (and those in its attention metadata) on device."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
+    if isinstance(x, torch.Tensor):   # to the CPU (rank 0's message) it waits: pickling reads it at once
+        return x.to(device, non_blocking=device.type == "cuda")
     if isinstance(x, AttentionMetadata):
         return AttentionMetadata(to_device(x.slot_mapping, device), [to_device(g, device) for g in x.groups])
     if isinstance(x, list):
@@ -87,10 +93,10 @@ def to_device(x, device: torch.device):
 
 
 def worker_main(rank: int, spec: WorkerSpec, port: int, status):
-    """A worker process: connect, load this rank's shard, report on `status` (one line: ok, or the error),
-    then run steps until rank 0 says stop."""
-    _die_with_parent()
+    """A worker process: connect, load this rank's shard, report on `status` (one line: `ok BLOCKS`, the KV
+    blocks this rank can hold, or the error), then run steps until rank 0 says stop."""
     logging.basicConfig(level="INFO", format=f"%(asctime)s %(levelname)s tp-rank-{rank} %(name)s: %(message)s")
+    from batching.kv_cache import kv_cache_bytes_per_token, size_kv_cache
     from server.loader import load_model
     from server.lora import LoRAPool
     torch.set_num_threads(spec.threads)
@@ -101,14 +107,18 @@ def worker_main(rank: int, spec: WorkerSpec, port: int, status):
         tp = connect(tcp_store(rank, spec.size, port), rank, spec.size, device)
         model = load_model(spec.model_path, spec.dtype, device, spec.max_model_len, spec.quant,
                            spec.quant_group_size, spec.kernels, tp)
+        mc = model.config
+        per_token = kv_cache_bytes_per_token(mc.num_layers, model.num_kv_heads, mc.head_dim, spec.dtype)
+        blocks = size_kv_cache(per_token, spec.block_size, device, spec.kv_cache_tokens,
+                               spec.kv_cache_memory_fraction, spec.max_batch_size * spec.max_model_len,
+                               min_tokens=spec.max_model_len)
     except BaseException as e:
         status.write(" ".join(f"{type(e).__name__}: {e}".split()) + "\n")
         status.flush()
         sys.exit(1)
-    status.write("ok\n")
+    status.write(f"ok {blocks}\n")
     status.flush()
     cache: KVCacheSpec = tp.broadcast_object()
-    mc = model.config
     kv_caches = [torch.zeros(2, cache.num_blocks, cache.block_size, model.num_kv_heads, mc.head_dim,
                              dtype=spec.dtype, device=device) for _ in range(mc.num_layers)]
     pool = LoRAPool(model.lora_shards(), spec.max_loras, spec.max_lora_rank, spec.dtype, device, model.ops.add_lora)
@@ -116,6 +126,10 @@ def worker_main(rank: int, spec: WorkerSpec, port: int, status):
         while (msg := tp.broadcast_object()) is not None:
             for slot, adapter in msg.lora_installs:
                 pool.fill(slot, adapter)
+            if msg.clear_blocks:
+                index = torch.tensor(msg.clear_blocks, device=device)
+                for kv in kv_caches:
+                    kv.index_fill_(1, index, 0)
             msg = StepMessage(*(to_device(getattr(msg, f), device) for f in ("input_ids", "positions", "meta",
                                                                               "lora_slots", "logits_rows")))
             pool.token_slots = msg.lora_slots
@@ -140,7 +154,7 @@ class TensorParallelWorkers:
         store = tcp_store(0, spec.size)
         self.processes: list[subprocess.Popen] = []
         for rank in range(1, spec.size):
-            p = subprocess.Popen([sys.executable, "-m", "server.tp_workers", str(rank), str(store.port)],
+            p = subprocess.Popen([sys.executable, "-m", "server.tp_workers", str(rank), str(store.port), str(os.getpid())],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             p.stdin.write(pickle.dumps(spec))
             p.stdin.close()
@@ -178,8 +192,10 @@ class TensorParallelWorkers:
         p.wait()
         return p.stdout.read().decode(errors="replace").strip() or f"exit code {p.returncode}"
 
-    def wait_loaded(self):
-        """Returns once every worker has loaded its shard; raises with a worker's error otherwise."""
+    def wait_loaded(self) -> int:
+        """Waits until every worker has loaded its shard and returns the fewest KV blocks one of them can hold;
+        raises with a worker's error otherwise. From then on a worker's death calls on_death."""
+        blocks = []
         for rank, p in enumerate(self.processes, 1):
             line = b""
             while not line:
@@ -187,11 +203,13 @@ class TensorParallelWorkers:
                     line = p.stdout.readline() or b"(no status: the worker exited)"
                 elif p.poll() is not None:
                     line = self._reason(p).encode()
-            if line.strip() != b"ok":
-                raise WorkerStartError(f"tensor-parallel rank {rank} failed to load its shard: "
-                                       f"{line.decode(errors='replace').strip()}")
+            status = line.decode(errors="replace").strip()
+            if not status.startswith("ok "):
+                raise WorkerStartError(f"tensor-parallel rank {rank} failed to load its shard: {status}")
+            blocks.append(int(status.split()[1]))
         for rank, p in enumerate(self.processes, 1):
             threading.Thread(target=self._watch, args=(rank, p), daemon=True, name=f"lmserve-tp-watch-{rank}").start()
+        return min(blocks)
 
     def send(self, obj):
         """A KVCacheSpec once, then a StepMessage per step (rank 0's step thread only)."""
@@ -229,6 +247,15 @@ class TensorParallelWorkers:
             tp.shutdown()
             self.tp = None
 
+    def kill(self):
+        """Ends the workers at once (the engine failed: a step may be stuck in a collective with a dead rank)."""
+        self.stopping = True
+        for p in self.processes:
+            p.kill()
+        for p in self.processes:
+            p.wait()
+            p.stdout.close()
+
     @staticmethod
     def _send_stop(tp: TensorParallel):
         try:
@@ -238,6 +265,9 @@ class TensorParallelWorkers:
 
 
 if __name__ == "__main__":
+    _die_with_parent()
+    if os.getppid() != int(sys.argv[3]):   # rank 0 died before the line above took effect
+        sys.exit(1)
     status_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)   # anything else printed goes to stderr; stdout carries the status line only
     worker_main(int(sys.argv[1]), pickle.load(sys.stdin.buffer), int(sys.argv[2]), status_out)

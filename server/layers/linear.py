@@ -114,7 +114,8 @@ class GPTQLinear(Partitioned):
         self.g_idx = nn.Parameter((torch.arange(in_features, dtype=torch.int32) + p.inp.start) // (p.inp.full if gs == -1 else gs)
                                   - self.group_offset, requires_grad=False)
         self.bias = _param(out_features) if bias else None
-        self._g_idx_part: int | None = None   # the projection whose g_idx was read first (the others must equal it)
+        self._g_idx_parts: list[int] = []   # the projections whose g_idx was read (the first one's is kept; the
+                                            # others must equal it)
 
         self.dtype = torch.get_default_dtype()     # the loader's serving dtype
         self.perm: torch.Tensor | None = None      # act-order: x's columns in the order qweight's rows now have
@@ -128,10 +129,11 @@ class GPTQLinear(Partitioned):
     def load(self, leaf: str, tensor: torch.Tensor, part: int = 0):
         if leaf != "g_idx":
             return super().load(leaf, tensor, part)
-        if self._g_idx_part is None or self._g_idx_part == part:
+        if not self._g_idx_parts or self._g_idx_parts == [part]:
             super().load(leaf, tensor - self.group_offset, part)
-            self._g_idx_part = part
+            self._g_idx_parts = [part]
             return
+        self._g_idx_parts.append(part)
         shard = self.partition.inp
         if tensor.shape == (shard.full,) and torch.equal(tensor[shard.start:shard.start + shard.size].to(self.g_idx.dtype) - self.group_offset, self.g_idx.data):
             return
@@ -156,9 +158,15 @@ class GPTQLinear(Partitioned):
         self.plain_group_size = gs
 
     def finish_loading(self):
-        """Brings an act-order layer to plain grouping (qweight's rows sorted by group, x permuted to match),
-        then, on CPU, to PyTorch's packed kernels."""
+        """Checks g_idx, brings an act-order layer to plain grouping (qweight's rows sorted by group, x permuted
+        to match), then, on CPU, to PyTorch's packed kernels."""
         super().finish_loading()
+        if self._g_idx_parts and len(set(self._g_idx_parts)) != len(self.partition.outs):
+            raise ValueError("g_idx is given for some of the projections fused into one layer (q/k/v, gate/up) "
+                             "and not for the others")
+        groups = self.scales.shape[0]
+        if int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= groups:
+            raise ValueError(f"g_idx names groups outside 0..{groups - 1} (the checkpoint's scales have {groups})")
         self._sort_act_order()
         if _packed_kernels(self.ops, self.qweight.device):
             self._convert_for_cpu()

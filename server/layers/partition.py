@@ -88,6 +88,8 @@ def load_part(param: torch.Tensor, tensor: torch.Tensor, axes: Axes, partition: 
     if tuple(tensor.shape) != expected:
         raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {expected}")
     dst, src = param.data, tensor
+    if axes.out is not None and partition.outs[part].present == 0:
+        return   # a shard wholly past the checkpoint's rows (padding only)
     if axes.out is not None:
         shard, unit = partition.outs[part], axes.out_unit
         offset = partition.out_offset(part)

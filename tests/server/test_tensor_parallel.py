@@ -43,7 +43,10 @@ def greedy_tokens(path: str, tp: int, prompts, adapters=None, params=GREEDY, **k
             return await asyncio.gather(*(one(p, a) for p, a in zip(prompts, adapters)))
         finally:
             await e.core.shutdown()
-    return run(main())
+    results = run(main())
+    if tp > 1:   # told to stop, the workers exited cleanly (not killed, not counted as a death)
+        assert [p.returncode for p in e.core.tp_workers.processes] == [0] * (tp - 1) and e.core.failure is None
+    return results
 
 
 def worker_pids(pid: int) -> list[int]:
