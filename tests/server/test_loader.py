@@ -69,3 +69,24 @@ def test_unsupported_rope_scaling_is_named(llama, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError, match="unsupported rope_scaling type 'dynamic'"):
         load_model(tmp_path / "m", torch.float32, torch.device("cpu"), 64)
+
+
+def test_a_quantized_tensor_in_a_float_checkpoint_is_refused_under_quant(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(llama, tmp_path / "m", dirs_exist_ok=True)
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.scales"] = torch.ones(64)
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.scales'"):
+        load_model(tmp_path / "m", torch.float32, torch.device("cpu"), 64, quant="int8")
+
+
+def test_a_gptq_g_idx_naming_a_group_that_does_not_exist_is_refused(gptq_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(gptq_checkpoint, tmp_path / "m", dirs_exist_ok=True)
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    for name in ("q_proj", "k_proj", "v_proj"):   # the same g_idx for the fused projections, one group too far
+        tensors[f"model.layers.0.self_attn.{name}.g_idx"][0] = 99
+    save_file(tensors, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"qkv_proj: g_idx names groups outside 0..1"):
+        load_model(tmp_path / "m", torch.float32, torch.device("cpu"), 64)

@@ -119,3 +119,18 @@ def test_a_shape_that_is_not_the_checkpoints_names_the_tensor():
     layer = LinearFactory(None, select_ops(CPU))(Partition((Shard.whole(8), Shard.whole(4)), Shard.whole(16)))
     with pytest.raises(ValueError, match=r"'weight' has shape \(8, 16\), expected \(4, 16\)"):
         layer.load_float_weight(torch.zeros(8, 16), part=1)
+
+
+def test_g_idx_for_only_some_fused_projections_is_refused():
+    fmt = "gptq-act-order"
+    tensors = checkpoint_tensors(fmt, K, SIZES[:2], g_idx_for(fmt, K))
+    del tensors[1]["g_idx"]
+    with pytest.raises(ValueError, match="g_idx is given for some of the projections"):
+        build(fmt, Partition(tuple(Shard.whole(n) for n in SIZES[:2]), Shard.whole(K)), tensors)
+
+
+def test_a_vocabulary_shard_past_the_last_row_loads_as_padding():
+    layer = LinearFactory(None, select_ops(CPU))(Partition((Shard(5, 6, 3),), Shard.whole(4)))
+    layer.weight.data.fill_(7)
+    layer.load_float_weight(torch.ones(5, 4))
+    assert torch.equal(layer.weight.data, torch.full((3, 4), 7.0))
