@@ -11,11 +11,11 @@ import logging
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Callable
 
 import torch
 
+from batching.adapters import AdapterRegistry
 from batching.batcher import DynamicBatcher
 from batching.limits import check_prompt
 from batching.messages import AdapterInfo, AddRequest, CoreOutput, EngineInfo, ErrorInfo
@@ -28,7 +28,7 @@ from server.host_memory import keep_freed_memory
 from batching.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
 from server.cpu_threads import release_idle_team
 from server.loader import load_hf_config, load_model
-from server.lora import LoRAAdapter, LoRAError, LoRAPool, load_adapter
+from server.lora import LoRAAdapter, LoRAPool
 from server.metrics import EngineMetrics, EngineState
 from server.model_runner import ModelRunner
 from server.models.llama import check_tensor_parallel
@@ -82,7 +82,7 @@ class EngineCore:
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.metrics = EngineMetrics(self.model_name, self._metrics_state)
         self.metrics.set_weight_bytes(self.model.weight_bytes, self.model.linear_weight_bytes)
-        self.metrics.adapter_load_failures.inc(self._skipped_adapters)
+        self.metrics.adapter_load_failures.inc(self.adapter_registry.skipped_at_start)
         self.sink = sink or (lambda outputs: None)
         self._rng = random.Random(config.seed)
         self._seqs: dict[str, Sequence] = {}     # every request from add_request to its end
@@ -153,20 +153,8 @@ class EngineCore:
         self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
         self.lora_pool = LoRAPool(self.model.lora_shards(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
                                   self.model.ops.add_lora)
-        self.adapters: dict[str, LoRAAdapter] = {}
-        self._next_adapter_id = 1
-        self._skipped_adapters = 0
-        for name, path in config.loras:
-            self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank))
-        for name, path in _adapters_in(config.lora_dir):
-            if name in self.adapters:
-                continue
-            try:   # one bad adapter in the directory is skipped; the server serves the rest
-                self._register(load_adapter(name, path, mc, self._take_adapter_id(), config.max_lora_rank,
-                                            root=Path(config.lora_dir).resolve()))
-            except LoRAError as e:
-                log.error("--lora-dir: skipped adapter %r: %s", name, e)
-                self._skipped_adapters += 1
+        self.adapter_registry = AdapterRegistry(config, mc, self.model_name)
+        self.adapters = self.adapter_registry.by_name   # name -> LoRAAdapter, as requests name them
         self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids,
                                   self.lora_pool, self.tp_workers)
         # bitsandbytes is left out: LLM.int8 picks its outlier columns per call (shapes that depend on the data),
@@ -310,71 +298,27 @@ class EngineCore:
         arrival = arrival_time if 0 < arrival_time <= now else now
         return Sequence(request_id, token_ids, params, generator, max_tokens, arrival_time=arrival)
 
-    # --- adapters -------------------------------------------------------------------------------
+    # --- adapters (batching/adapters.py) ------------------------------------------------------------
     def resolve_adapter(self, name: str | None) -> LoRAAdapter | None:
-        """None or the base model's name: the base model. Anything else must be a loaded adapter."""
-        if name is None or name == "" or name == self.model_name:
-            return None
-        adapter = self.adapters.get(name)
-        if adapter is None:
-            known = ", ".join([self.model_name, *self.adapters])
-            raise ModelNotFoundError(f"the model {name!r} does not exist; this server serves {known}")
-        return adapter
+        return self.adapter_registry.resolve(name)
 
     def adapter_infos(self) -> list[AdapterInfo]:
-        return [AdapterInfo(a.name, str(a.path), a.rank) for a in self.adapters.values()]
+        return self.adapter_registry.infos()
 
     async def load_adapter(self, name: str, path: str) -> AdapterInfo:
         """Loads a PEFT adapter from inside --lora-dir while serving continues; LoRAError says what is wrong."""
         try:
-            return await self._load_adapter(name, path)
+            return await self.adapter_registry.load(name, path)
         except Exception:
             self.metrics.adapter_load_failures.inc()
             raise
 
-    async def _load_adapter(self, name: str, path: str) -> AdapterInfo:
-        if not name or name == self.model_name or name in self.adapters:
-            raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
-        if self.config.lora_dir is None:
-            raise LoRAError("loading adapters at runtime needs --lora-dir (the directory adapters are loaded from)")
-        root = Path(self.config.lora_dir).resolve()
-        try:
-            resolved = (root / path).resolve()
-        except (OSError, ValueError) as e:   # a NUL byte, a path too long for the system
-            raise LoRAError(f"the adapter path {path[:80]!r} cannot be used: {e}") from None
-        if not resolved.is_relative_to(root):
-            raise LoRAError(f"the adapter path {path[:80]!r} is outside --lora-dir")
-
-        adapter_id = self._take_adapter_id()   # here, on the loop: two loads at once never share an id
-
-        def load():
-            try:
-                return load_adapter(name, resolved, self.model.config, adapter_id, self.config.max_lora_rank, root)
-            finally:
-                release_idle_team()   # this worker thread's parallel ops leave no OpenMP team behind
-        adapter = await asyncio.to_thread(load)
-        if name in self.adapters:  # loaded twice at once: the first one wins
-            raise LoRAError(f"the name {name!r} is taken or empty; adapters need a name of their own")
-        self._register(adapter)
-        return AdapterInfo(adapter.name, str(adapter.path), adapter.rank)
-
     async def unload_adapter(self, name: str):
         """New requests for it are refused at once; returns when its in-flight requests have finished."""
-        adapter = self.adapters.pop(name, None)
-        if adapter is None:
-            raise ModelNotFoundError(f"no adapter named {name!r} is loaded")
+        adapter = self.adapter_registry.remove(name)
         await self.lora_pool.wait_idle(adapter)
         self.lora_pool.evict(adapter)
         log.info("unloaded LoRA adapter %r", name)
-
-    def _register(self, adapter: LoRAAdapter):
-        self.adapters[adapter.name] = adapter
-        log.info("loaded LoRA adapter %r (rank %d, %d projections) from %s", adapter.name, adapter.rank,
-                 len(adapter.weights), adapter.path)
-
-    def _take_adapter_id(self) -> int:
-        self._next_adapter_id += 1
-        return self._next_adapter_id - 1
 
     # --- state ----------------------------------------------------------------------------------
     def _metrics_state(self) -> EngineState:
@@ -575,14 +519,3 @@ def _resolve_dtype(dtype: str, device: torch.device, hf_config) -> torch.dtype:
     if isinstance(checkpoint_dtype, str):
         checkpoint_dtype = getattr(torch, checkpoint_dtype, None)
     return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.float16
-
-
-def _adapters_in(lora_dir: str | None) -> list[tuple[str, str]]:
-    """Every adapter directly inside --lora-dir, named by its directory."""
-    if lora_dir is None:
-        return []
-    root = Path(lora_dir)
-    if not root.is_dir():
-        raise LoRAError(f"--lora-dir {lora_dir} is not a directory")
-    # one that leads outside the directory (a symlink) is refused by load_adapter's root check, file by file
-    return [(d.name, str(d)) for d in sorted(root.iterdir()) if (d / "adapter_config.json").is_file()]
