@@ -37,7 +37,7 @@ from server.model_source import resolve_model
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.structured_output import GrammarCompiler
 from server.tensor_parallel import SINGLE, TensorParallel
-from server.tp_workers import KVCacheSpec, TensorParallelWorkers, WorkerSpec
+from server.tp_workers import KVCacheSpec, TensorParallelWorkers, WorkerSpec, WorkerStartError
 from batching.sequence import FinishReason, Sequence, SequenceStatus
 from server.tokenizer import eos_token_ids, load_tokenizer
 
@@ -95,7 +95,7 @@ class EngineCore:
         if self.failure is not None:   # a tensor-parallel worker died while the engine started
             self._executor.submit(self.tp_workers.kill).result()
             self._executor.shutdown(wait=False)
-            raise RuntimeError(f"the engine could not start: {self.failure}")
+            raise WorkerStartError(f"the engine could not start: {self.failure}")
 
     def _load_model(self, config: EngineConfig):
         """The model, its KV cache, the adapters named at start and the model runner (on the step thread)."""

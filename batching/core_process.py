@@ -26,6 +26,7 @@ from server.config import EngineConfig
 from server.errors import error_to_wire, status_of
 from server.sampling import InvalidRequestError
 from batching.sequence import FinishReason
+from server.tp_workers import WorkerStartError
 
 log = logging.getLogger("lmserve.engine_core")
 MAX_MESSAGE_BYTES = 64 * 2**20
@@ -71,7 +72,8 @@ async def _serve(config: EngineConfig, address: str):
     from batching.core import EngineCore
     try:
         core = EngineCore(config)
-    except (ValueError, OSError) as e:   # a bad checkpoint, quantization or kernel choice: say what, exit 1
+    except (ValueError, OSError, WorkerStartError) as e:   # a bad checkpoint, quantization or kernel choice, a
+        # tensor-parallel worker that could not start: say what, exit 1
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     ctx = zmq.asyncio.Context()
