@@ -103,8 +103,8 @@ class EngineCore:
         try:
             self._load_model_and_cache(config)
         except BaseException:
-            if self.tp_workers is not None:
-                self.tp_workers.stop()
+            if self.tp_workers is not None:   # they may still be loading: not listening for a stop message
+                self.tp_workers.kill()
             raise
 
     def _start_tp_workers(self, config: EngineConfig) -> TensorParallel:

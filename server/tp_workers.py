@@ -164,7 +164,7 @@ class TensorParallelWorkers:
             self.tp: TensorParallel = self._while_workers_live(
                 lambda: connect(store, 0, spec.size, _device(spec, 0)), "joining the process group")
         except BaseException:
-            self.stop()
+            self.kill()
             raise
 
     def _while_workers_live(self, fn, what: str):
