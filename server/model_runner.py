@@ -5,7 +5,7 @@ tensors, so it can run in a worker thread while the loop keeps serving.
 """
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,8 +29,7 @@ class PreparedBatch:
     sampler_rows: list[SamplerRow]
     prompt_scoring: list[tuple[Sequence, torch.Tensor, torch.Tensor]]  # (seq, batch rows, next prompt tokens)
     lora_slots: torch.Tensor | None  # [T] each token's adapter pool slot, -1 for the base model; None: base only
-    lora_installs: list = field(default_factory=list)   # tensor parallelism: adapter slots the workers must fill first
-    clear_blocks: list[int] = field(default_factory=list)   # and KV blocks they must zero first
+    step_message: StepMessage | None = None   # tensor parallelism: what the other ranks run (host tensors)
 
 
 @dataclass
@@ -85,7 +84,7 @@ class ModelRunner:
                 first, end = max(start, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt_tokens - 1)
                 if first < end:
                     rows = range(len(input_ids) + first - start, len(input_ids) + end - start)
-                    scoring.append((seq, self._tensor(list(rows)), self._tensor(seq.token_ids[first + 1:end + 1])))
+                    scoring.append((seq, self._host(list(rows)), self._host(seq.token_ids[first + 1:end + 1])))
             lora_slots += [self.lora_pool.slot_of(seq.lora) if seq.lora is not None else -1] * n
             input_ids += seq.token_ids[start:start + n]
             positions += range(start, start + n)
@@ -103,30 +102,34 @@ class ModelRunner:
         # The loop appends to token_ids only after run() returns, so the worker may read them in place.
         rows = [SamplerRow(s.params, s.generator, s.token_ids, s.num_prompt_tokens, self.eos_token_ids,
                            s.grammar if s.grammar_armed else None) for s in sample_seqs]
-        installs, clears = [], []
-        if self.lora_pool is not None and self.lora_pool.pending:   # made on this (the loop's) thread
-            installs, self.lora_pool.pending = self.lora_pool.pending, []
-        if self._blocks_to_clear:
-            clears, self._blocks_to_clear = self._blocks_to_clear, []
-        return PreparedBatch(
-            input_ids=self._tensor(input_ids), positions=self._tensor(positions),
-            meta=AttentionMetadata(self._tensor(slots), groups),
-            sample_indices=self._tensor(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows, prompt_scoring=scoring,
-            lora_slots=self._tensor(lora_slots) if any(s >= 0 for s in lora_slots) else None, lora_installs=installs,
-            clear_blocks=clears)
+        host = PreparedBatch(
+            input_ids=self._host(input_ids), positions=self._host(positions),
+            meta=AttentionMetadata(self._host(slots), groups),
+            sample_indices=self._host(sample_idx), sample_seqs=sample_seqs, sampler_rows=rows, prompt_scoring=scoring,
+            lora_slots=self._host(lora_slots) if any(s >= 0 for s in lora_slots) else None)
+        if self.tp_workers is not None:
+            host.step_message = self._step_message(host)
+        return host if self.device.type == "cpu" else _on_device(host, self.device)
+
+    def _step_message(self, host: PreparedBatch) -> StepMessage:
+        """What the other tensor-parallel ranks need to run this step's forward and logits with rank 0, with the
+        adapter installs and KV blocks to zero made since the last step (on this, the loop's, thread)."""
+        logits_rows = ([host.sample_indices] if host.sample_seqs else []) + [rows for _, rows, _ in host.prompt_scoring]
+        installs, self.lora_pool.pending = self.lora_pool.pending, []
+        clears, self._blocks_to_clear = self._blocks_to_clear, []
+        return StepMessage(host.input_ids, host.positions, host.meta, host.lora_slots, logits_rows, installs, clears)
 
     def _group(self, tokens: slice, seqs: list[Sequence], query_positions: list[list[int]]) -> AttentionGroup:
         # Each row's blocks up to its last query, padded with the padding block (masked) to the group's longest.
         num_blocks = -(-(max(q[-1] for q in query_positions) + 1) // self.block_size)
         tables = [s.block_table[:num_blocks] + [self.pad_block] * (num_blocks - len(s.block_table[:num_blocks]))
                   for s in seqs]
-        return AttentionGroup(tokens, self._tensor(tables), self._tensor(query_positions))
+        return AttentionGroup(tokens, self._host(tables), self._host(query_positions))
 
-    def _tensor(self, data) -> torch.Tensor:
+    def _host(self, data) -> torch.Tensor:
+        """data as a host tensor: pinned when the device is CUDA, so its copy there does not wait."""
         t = torch.tensor(data, dtype=torch.long)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return t.pin_memory() if self.device.type == "cuda" else t
 
     @torch.inference_mode()
     def run(self, batch: PreparedBatch) -> StepResult:
@@ -137,8 +140,8 @@ class ModelRunner:
         grammars = [row.grammar for row in batch.sampler_rows if row.grammar is not None]
         # The grammars' masks are filled on a thread of their own while the forward pass runs.
         masks = self._mask_filler.submit(fill_bitmasks, grammars, self.model.config.vocab_size) if grammars else None
-        if self.tp_workers is not None:
-            self.tp_workers.send(self._step_message(batch))
+        if batch.step_message is not None:
+            self.tp_workers.send(batch.step_message)
         if self.decode_graphs is not None and self.decode_graphs.serves(batch):
             hidden = self.decode_graphs.run(batch)
         else:
@@ -155,13 +158,15 @@ class ModelRunner:
             for seq, rows, targets in batch.prompt_scoring}
         return StepResult(sampled, prompt_logprobs, failed)
 
-    def _step_message(self, batch: PreparedBatch) -> StepMessage:
-        """What the other tensor-parallel ranks need to run this step's forward and logits with rank 0."""
-        logits_rows = ([batch.sample_indices] if batch.sample_seqs else []) + [rows for _, rows, _ in batch.prompt_scoring]
-        cpu = torch.device("cpu")
-        return StepMessage(*(to_device(x, cpu) for x in (batch.input_ids, batch.positions, batch.meta, batch.lora_slots,
-                                                         logits_rows)),
-                           lora_installs=batch.lora_installs, clear_blocks=batch.clear_blocks)
+
+
+def _on_device(host: PreparedBatch, device: torch.device) -> PreparedBatch:
+    """The batch with its tensors copied to the device (from pinned memory: the copies do not wait)."""
+    return replace(host, input_ids=to_device(host.input_ids, device), positions=to_device(host.positions, device),
+                   meta=to_device(host.meta, device), sample_indices=to_device(host.sample_indices, device),
+                   lora_slots=to_device(host.lora_slots, device),
+                   prompt_scoring=[(seq, to_device(rows, device), to_device(targets, device))
+                                   for seq, rows, targets in host.prompt_scoring])
 
 
 def sample_isolating_failures(logits: torch.Tensor, seqs: list[Sequence], rows: list[SamplerRow],
