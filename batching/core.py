@@ -17,27 +17,23 @@ import torch
 
 from batching.adapters import AdapterRegistry
 from batching.batcher import DynamicBatcher
+from batching.engine_model import build_engine_model
 from batching.limits import check_prompt
 from batching.messages import AdapterInfo, AddRequest, CoreOutput, EngineInfo, ErrorInfo
 from batching.scheduler import Scheduler, SchedulerOutput
 from server.config import EngineConfig
-from server.cuda_graphs import build_decode_graphs
 from server.errors import (EngineDeadError, ModelNotFoundError, RequestFailedError, RequestTimeoutError,
                            ServerBusyError, ShutdownAbortError, ShuttingDownError, error_to_wire)
 from server.host_memory import keep_freed_memory
-from batching.kv_cache import BlockManager, kv_cache_bytes_per_token, size_kv_cache
+from batching.kv_cache import BlockManager
 from server.cpu_threads import release_idle_team
-from server.loader import load_hf_config, load_model
-from server.lora import LoRAAdapter, LoRAPool
+from server.loader import load_hf_config
+from server.lora import LoRAAdapter
 from server.metrics import EngineMetrics, EngineState
-from server.model_runner import ModelRunner
-from server.models.llama import check_tensor_parallel
-from server.models.model_config import ModelConfig
 from server.model_source import resolve_model
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.structured_output import GrammarCompiler
-from server.tensor_parallel import SINGLE, TensorParallel
-from server.tp_workers import KVCacheSpec, TensorParallelWorkers, WorkerSpec, WorkerStartError
+from server.tp_workers import TensorParallelWorkers, WorkerStartError
 from batching.sequence import FinishReason, Sequence, SequenceStatus
 from server.tokenizer import eos_token_ids, load_tokenizer
 
@@ -93,79 +89,23 @@ class EngineCore:
         self.draining = False
         self._started = True
         if self.failure is not None:   # a tensor-parallel worker died while the engine started
-            self._executor.submit(self.tp_workers.kill).result()
+            self.tp_workers.kill()
             self._executor.shutdown(wait=False)
             raise WorkerStartError(f"the engine could not start: {self.failure}")
 
     def _load_model(self, config: EngineConfig):
-        """The model, its KV cache, the adapters named at start and the model runner (on the step thread)."""
+        """The model, its KV cache, the model runner and the adapters named at start (on the step thread)."""
         self.tp_workers: TensorParallelWorkers | None = None
-        try:
-            self._load_model_and_cache(config)
-        except BaseException:
-            if self.tp_workers is not None:   # they may still be loading: not listening for a stop message
-                self.tp_workers.kill()
-            raise
-
-    def _start_tp_workers(self, config: EngineConfig) -> TensorParallel:
-        size = config.tensor_parallel_size
-        check_tensor_parallel(ModelConfig.from_hf(load_hf_config(self.model_path)), size)
-        if self.device.type == "cuda" and torch.cuda.device_count() < size:
-            raise ValueError(f"tensor_parallel_size {size} needs {size} GPUs; {torch.cuda.device_count()} are visible")
-        if self.device.type == "cuda" and self.device.index not in (None, 0):
-            raise ValueError("with tensor parallelism rank r runs on cuda:r; pick the GPUs with CUDA_VISIBLE_DEVICES")
-        threads = max(1, torch.get_num_threads() // size)
-        if self.device.type == "cpu":
-            torch.set_num_threads(threads)
-        self.tp_workers = TensorParallelWorkers(WorkerSpec(
-            size, str(self.model_path), self.dtype, self.device.type, self.max_model_len, config.quant,
-            config.quant_group_size, config.kernels, config.max_loras, config.max_lora_rank, threads,
-            config.block_size, config.kv_cache_tokens, config.kv_cache_memory_fraction, config.max_batch_size))
-        self.tp_workers.on_death = self._on_worker_death
-        return self.tp_workers.tp
-
-    def _load_model_and_cache(self, config: EngineConfig):
-        tp = self._start_tp_workers(config) if config.tensor_parallel_size > 1 else SINGLE
-        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len, config.quant,
-                                config.quant_group_size, config.kernels, tp)
-        worker_blocks = self.tp_workers.wait_loaded() if self.tp_workers is not None else None
-        if self.model.ops.name == "triton" and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
-            raise ValueError(f"block_size must be a power of two >= 16 with the Triton kernels; got {config.block_size}")
-        mc = self.model.config
-        self.vocab_size = mc.vocab_size
-        per_token = kv_cache_bytes_per_token(mc.num_layers, self.model.num_kv_heads, mc.head_dim, self.dtype)
-        num_blocks = size_kv_cache(per_token, config.block_size, self.device, config.kv_cache_tokens,
-                                   config.kv_cache_memory_fraction, config.max_batch_size * self.max_model_len,
-                                   min_tokens=self.max_model_len)
-        if worker_blocks is not None:   # every rank holds the same blocks: as many as the tightest one can
-            num_blocks = min(num_blocks, worker_blocks)
-        self.kv_cache_tokens = num_blocks * config.block_size
-        # One block more than the BlockManager hands out: block tables are padded with it (ModelRunner), so
-        # padding never reads a block another sequence writes (whose NaN would spread through 0 * NaN).
-        kv_caches = [torch.zeros(2, num_blocks + 1, config.block_size, self.model.num_kv_heads, mc.head_dim,
-                                 dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
-        if self.tp_workers is not None:
-            self.tp_workers.send(KVCacheSpec(num_blocks + 1, config.block_size))
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
-                 per_token * self.kv_cache_tokens / 2**20)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        built = build_engine_model(config, self.model_path, self.device, self.dtype, self.max_model_len,
+                                   self.eos_token_ids, self._on_worker_death)
+        self.model, self.runner, self.lora_pool, self.tp_workers = built.model, built.runner, built.lora_pool, built.tp_workers
+        self.vocab_size = self.model.config.vocab_size
+        self.kv_cache_tokens = built.num_blocks * config.block_size
+        self.block_manager = BlockManager(built.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
         self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
-        self.lora_pool = LoRAPool(self.model.lora_shards(), config.max_loras, config.max_lora_rank, self.dtype, self.device,
-                                  self.model.ops.add_lora)
-        self.adapter_registry = AdapterRegistry(config, mc, self.model_name)
+        self.adapter_registry = AdapterRegistry(config, self.model.config, self.model_name)
         self.adapters = self.adapter_registry.by_name   # name -> LoRAAdapter, as requests name them
-        self.runner = ModelRunner(self.model, kv_caches, config.block_size, self.device, self.eos_token_ids,
-                                  self.lora_pool, self.tp_workers)
-        # bitsandbytes is left out: LLM.int8 picks its outlier columns per call (shapes that depend on the data),
-        # and NF4 has not been tried in a graph.
-        bnb = config.quant in ("bnb-int8", "nf4")
-        # Under tensor parallelism every rank would have to replay its graph together: eager for now.
-        if (self.device.type == "cuda" and self.model.ops.name == "triton" and not bnb and not config.enforce_eager
-                and self.tp_workers is None):
-            self.runner.decode_graphs = build_decode_graphs(self.model, kv_caches, config.max_batch_size,
-                                                            self.max_model_len, config.block_size,
-                                                            self.runner.pad_block)
 
     async def call(self, method: str, *args):
         """One of CALLS by name, as the engine socket and the in-process client ask for them."""
