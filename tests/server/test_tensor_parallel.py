@@ -15,6 +15,7 @@ from server.config import EngineConfig
 from server.engine_client import in_process_engine
 from server.errors import EngineDeadError
 from server.sampling import SamplingParams
+from server.tp_workers import WorkerStartError
 from tests.conftest import collect, random_prompts, run
 from tests.server.conftest import LiveServer, MergedReference, metric_sums
 from tests.server.test_server_processes import assert_all_gone, descendants, pid_in_log
@@ -207,3 +208,14 @@ def test_a_worker_killed_mid_stream_ends_the_server_non_zero_and_leaves_no_proce
         assert_all_gone(pids)
     finally:
         server.stop()
+
+
+def test_a_worker_that_cannot_start_fails_the_start_with_its_reason(llama, tmp_path, monkeypatch):
+    # the workers are started as `sys.executable -m server.tp_workers`: here a python that says why and exits
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'CUDA error: out of memory'\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr("sys.executable", str(fake))
+    with pytest.raises(WorkerStartError, match="rank 1 exited while joining the process group: CUDA error: out of memory"):
+        engine(llama, 2)
+    assert not worker_pids(os.getpid())
