@@ -99,13 +99,18 @@ class EngineCore:
         built = build_engine_model(config, self.model_path, self.device, self.dtype, self.max_model_len,
                                    self.eos_token_ids, self._on_worker_death)
         self.model, self.runner, self.lora_pool, self.tp_workers = built.model, built.runner, built.lora_pool, built.tp_workers
-        self.vocab_size = self.model.config.vocab_size
-        self.kv_cache_tokens = built.num_blocks * config.block_size
-        self.block_manager = BlockManager(built.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
-        self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
-        self.adapter_registry = AdapterRegistry(config, self.model.config, self.model_name)
-        self.adapters = self.adapter_registry.by_name   # name -> LoRAAdapter, as requests name them
+        try:
+            self.vocab_size = self.model.config.vocab_size
+            self.kv_cache_tokens = built.num_blocks * config.block_size
+            self.block_manager = BlockManager(built.num_blocks, config.block_size, config.enable_prefix_caching)
+            self.scheduler = Scheduler(self.block_manager, config.max_batch_size, config.max_num_batched_tokens)
+            self.batcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
+            self.adapter_registry = AdapterRegistry(config, self.model.config, self.model_name)
+            self.adapters = self.adapter_registry.by_name   # name -> LoRAAdapter, as requests name them
+        except BaseException:   # a bad --lora: the workers go too
+            if self.tp_workers is not None:
+                self.tp_workers.kill()
+            raise
 
     async def call(self, method: str, *args):
         """One of CALLS by name, as the engine socket and the in-process client ask for them."""

@@ -115,7 +115,9 @@ class ModelRunner:
         """What the other tensor-parallel ranks need to run this step's forward and logits with rank 0, with the
         adapter installs and KV blocks to zero made since the last step (on this, the loop's, thread)."""
         logits_rows = ([host.sample_indices] if host.sample_seqs else []) + [rows for _, rows, _ in host.prompt_scoring]
-        installs, self.lora_pool.pending = self.lora_pool.pending, []
+        installs = []
+        if self.lora_pool is not None:
+            installs, self.lora_pool.pending = self.lora_pool.pending, []
         clears, self._blocks_to_clear = self._blocks_to_clear, []
         return StepMessage(host.input_ids, host.positions, host.meta, host.lora_slots, logits_rows, installs, clears)
 

@@ -153,14 +153,17 @@ class TensorParallelWorkers:
         self.on_death: Callable[[BaseException], None] | None = None   # set by the engine: it stops
         store = tcp_store(0, spec.size)
         self.processes: list[subprocess.Popen] = []
-        for rank in range(1, spec.size):
-            p = subprocess.Popen([sys.executable, "-m", "server.tp_workers", str(rank), str(store.port), str(os.getpid())],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-            p.stdin.write(pickle.dumps(spec))
-            p.stdin.close()
-            log.info("tensor-parallel rank %d started as process %d", rank, p.pid)
-            self.processes.append(p)
         try:
+            for rank in range(1, spec.size):
+                p = subprocess.Popen([sys.executable, "-m", "server.tp_workers", str(rank), str(store.port),
+                                      str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                self.processes.append(p)
+                log.info("tensor-parallel rank %d started as process %d", rank, p.pid)
+                try:
+                    p.stdin.write(pickle.dumps(spec))
+                    p.stdin.close()
+                except BrokenPipeError:   # it exited before reading: the wait below reports why
+                    pass
             self.tp: TensorParallel = self._while_workers_live(
                 lambda: connect(store, 0, spec.size, _device(spec, 0)), "joining the process group")
         except BaseException:
@@ -248,13 +251,18 @@ class TensorParallelWorkers:
             self.tp = None
 
     def kill(self):
-        """Ends the workers at once (the engine failed: a step may be stuck in a collective with a dead rank)."""
+        """Ends the workers at once (the engine failed, or never started: a step may be stuck in a collective
+        with a dead rank, a worker still loading hears no stop message)."""
         self.stopping = True
         for p in self.processes:
             p.kill()
         for p in self.processes:
             p.wait()
             p.stdout.close()
+        tp = getattr(self, "tp", None)
+        if tp is not None:
+            tp.shutdown()
+            self.tp = None
 
     @staticmethod
     def _send_stop(tp: TensorParallel):
