@@ -36,17 +36,22 @@ class AccessMiddleware:
         scope[RATE_CHARGE] = charge
         if action is None:
             return await self.app(scope, receive, send)
-        status = []
+        recorded = False
+
+        def record(outcome: str):
+            nonlocal recorded
+            recorded = True
+            self.access.audit.record(action, outcome, decision.key.id, client, **scope.get(AUDIT_DETAILS, {}))
 
         async def send_and_note(message):
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
+            if message["type"] == "http.response.start" and not recorded:
+                record(str(message["status"]))   # before the client can see the response: the log is never behind it
             await send(message)
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.access.audit.record(action, str(status[0]) if status else "error", decision.key.id, client,
-                                     **scope.get(AUDIT_DETAILS, {}))
+            if not recorded:
+                record("error")
 
 
 def _refusal(decision: Decision) -> ApiError:

@@ -59,8 +59,10 @@ class LiveServer:
             self.engine = await MultiprocessEngineClient.connect(self.address, process=self.core_process, timeout=120)
         app = build_app(self.engine, self.access, tool_call_parser=self.tool_call_parser,
                         reasoning_parser=self.reasoning_parser, open_metrics=self.open_metrics)
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                log_level="warning", loop="asyncio")
+        # keep-alive longer than any pause between a test's requests: a connection the server closes while a
+        # client (max_retries=0) reuses it is a connection reset, not what a test is about
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", loop="asyncio",
+                                timeout_keep_alive=120)
         self.server = uvicorn.Server(config)
         grpc_server, _ = await start_grpc_server(self.engine, "127.0.0.1", self.grpc_port, self.access)
         try:
