@@ -220,3 +220,14 @@ def test_a_worker_that_cannot_start_fails_the_start_with_its_reason(llama, tmp_p
     with pytest.raises(WorkerStartError, match="rank 1 exited while joining the process group: CUDA error: out of memory"):
         engine(llama, 2)
     assert not worker_pids(os.getpid())
+
+
+def test_the_triton_kernels_run_unchanged_on_each_shard(llama, peft_adapters, hf_reference):
+    # each rank's Triton kernels (in Triton's interpreter here) see 2 query heads, 1 key/value head and its
+    # slices of the adapter
+    prompts = random_prompts(2, [6, 19], seed=19)
+    params = SamplingParams(temperature=0, max_tokens=5)
+    results = greedy_tokens(llama, 2, prompts, [None, "alpha"], params=params, kernels="triton",
+                            loras=[("alpha", peft_adapters["alpha"])])
+    assert results == [hf_reference("llama").greedy(prompts[0], params.max_tokens),
+                       MergedReference(llama, peft_adapters["alpha"]).greedy(prompts[1], params.max_tokens)]
