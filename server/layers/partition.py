@@ -13,7 +13,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Shard:
-    """[start, start + size) of a dimension of `full` features; may run past full (padding, left zero)."""
+    """[start, start + size) of a dimension of `full` features; may run past full (a padded vocabulary shard:
+    nothing is loaded there, and the logits of those rows are cut off after the gather)."""
     full: int
     start: int
     size: int
