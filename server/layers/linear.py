@@ -219,7 +219,7 @@ class GPTQLinear(Partitioned):
 
 
 class BnbLinear(Partitioned):
-    """bitsandbytes LLM.int8 (bnb-int8) or NF4, built at finish_loading from the float weights its parts gave."""
+    """bitsandbytes LLM.int8 (bnb-int8) or NF4, built once the float weights of all its parts have arrived."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, quant: QuantConfig,
                  partition: Partition | None = None):
@@ -231,15 +231,20 @@ class BnbLinear(Partitioned):
         self.method = quant.method
         self.device, self.dtype = torch.empty(0).device, torch.get_default_dtype()  # the loader's device and dtype
         self.bias = _param(self.out_features) if bias else None
-        self.staged = torch.empty(self.out_features, self.in_features, dtype=torch.float16, device=self.device)
+        self.staged: torch.Tensor | None = None   # float16 [N, K] while the parts arrive; one layer's at a time
+        self._staged_parts: set[int] = set()
         self.inner = None
 
     def load_float_weight(self, w: torch.Tensor, part: int = 0):
+        if self.staged is None:
+            self.staged = torch.empty(self.out_features, self.in_features, dtype=torch.float16, device=self.device)
         load_part(self.staged, w.to(torch.float16), self.AXES["weight"], self.partition, part, "weight")
+        self._staged_parts.add(part)
+        if len(self._staged_parts) == len(self.partition.outs):
+            self._build()
 
-    def finish_loading(self):
+    def _build(self):
         import bitsandbytes as bnb
-        super().finish_loading()
         w, self.staged = self.staged, None
         if self.method == "bnb-int8":
             inner = bnb.nn.Linear8bitLt(self.in_features, self.out_features, bias=False, has_fp16_weights=False,
