@@ -44,17 +44,13 @@ def build_engine_model(config: EngineConfig, model_path: Path, device: torch.dev
         worker_blocks = workers.wait_loaded() if workers is not None else None
         if model.ops.name == "triton" and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16 with the Triton kernels; got {config.block_size}")
-        mc = model.config
-        per_token = kv_cache_bytes_per_token(mc.num_layers, model.num_kv_heads, mc.head_dim, dtype)
-        num_blocks = size_kv_cache(per_token, config.block_size, device, config.kv_cache_tokens,
-                                   config.kv_cache_memory_fraction, config.max_batch_size * max_model_len,
-                                   min_tokens=max_model_len)
+        num_blocks, per_token = kv_cache_blocks(model, dtype, device, config.block_size, config.kv_cache_tokens,
+                                                config.kv_cache_memory_fraction, config.max_batch_size, max_model_len)
         if worker_blocks is not None:   # every rank holds the same blocks: as many as the tightest one can
             num_blocks = min(num_blocks, worker_blocks)
         # One block more than the BlockManager hands out: block tables are padded with it (ModelRunner), so
         # padding never reads a block another sequence writes (whose NaN would spread through 0 * NaN).
-        kv_caches = [torch.zeros(2, num_blocks + 1, config.block_size, model.num_kv_heads, mc.head_dim,
-                                 dtype=dtype, device=device) for _ in range(mc.num_layers)]
+        kv_caches = allocate_kv_caches(model, num_blocks + 1, config.block_size, dtype, device)
         if workers is not None:
             workers.send(KVCacheSpec(num_blocks + 1, config.block_size))
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, config.block_size,
@@ -75,6 +71,25 @@ def build_engine_model(config: EngineConfig, model_path: Path, device: torch.dev
         if workers is not None:   # they may still be loading: not listening for a stop message
             workers.kill()
         raise
+
+
+def kv_cache_blocks(model: LlamaForCausalLM, dtype: torch.dtype, device: torch.device, block_size: int,
+                    kv_cache_tokens: int | None, memory_fraction: float | None, max_batch_size: int,
+                    max_model_len: int) -> tuple[int, int]:
+    """(KV blocks this process can hold for the model's key/value heads, its bytes per token); a
+    tensor-parallel worker says the same of its own share."""
+    mc = model.config
+    per_token = kv_cache_bytes_per_token(mc.num_layers, model.num_kv_heads, mc.head_dim, dtype)
+    return size_kv_cache(per_token, block_size, device, kv_cache_tokens, memory_fraction,
+                         max_batch_size * max_model_len, min_tokens=max_model_len), per_token
+
+
+def allocate_kv_caches(model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> list[torch.Tensor]:
+    """Per layer: [2, num_blocks, block_size, this rank's key/value heads, head_dim], zeroed."""
+    mc = model.config
+    return [torch.zeros(2, num_blocks, block_size, model.num_kv_heads, mc.head_dim, dtype=dtype, device=device)
+            for _ in range(mc.num_layers)]
 
 
 def _start_workers(config: EngineConfig, model_path: Path, device: torch.device, dtype: torch.dtype,

@@ -157,6 +157,13 @@ class BlockManager:
         seq.num_registered_blocks = 0
 
 
+def zero_blocks(kv_caches: list[torch.Tensor], blocks: list[int]):
+    """Zeroes blocks in every layer's [2, num_blocks, ...] cache."""
+    index = torch.tensor(blocks, device=kv_caches[0].device)
+    for cache in kv_caches:
+        cache.index_fill_(1, index, 0)
+
+
 def kv_cache_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 

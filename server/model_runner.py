@@ -16,6 +16,7 @@ from server.layers.attention import AttentionGroup, AttentionMetadata
 from server.sampling import InvalidRequestError, SampledToken, SamplerRow, sample, token_logprobs
 from server.grammar_masks import fill_bitmasks
 from server.tp_workers import StepMessage, TensorParallelWorkers, to_device
+from batching.kv_cache import zero_blocks
 from batching.sequence import Sequence
 
 
@@ -64,9 +65,7 @@ class ModelRunner:
     def clear_blocks(self, blocks: list[int]):
         """Zeroes KV blocks (a failed row's NaN must not reach their next owner), on every rank: the others
         with the next step (called on the loop's thread, between steps)."""
-        index = torch.tensor(blocks, device=self.device)
-        for cache in self.kv_caches:
-            cache.index_fill_(1, index, 0)
+        zero_blocks(self.kv_caches, blocks)
         if self.tp_workers is not None:
             self._blocks_to_clear += blocks
 

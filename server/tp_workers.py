@@ -96,7 +96,8 @@ def worker_main(rank: int, spec: WorkerSpec, port: int, status):
     """A worker process: connect, load this rank's shard, report on `status` (one line: `ok BLOCKS`, the KV
     blocks this rank can hold, or the error), then run steps until rank 0 says stop."""
     logging.basicConfig(level="INFO", format=f"%(asctime)s %(levelname)s tp-rank-{rank} %(name)s: %(message)s")
-    from batching.kv_cache import kv_cache_bytes_per_token, size_kv_cache
+    from batching.engine_model import allocate_kv_caches, kv_cache_blocks
+    from batching.kv_cache import zero_blocks
     from server.loader import load_model
     from server.lora import LoRAPool
     torch.set_num_threads(spec.threads)
@@ -107,11 +108,8 @@ def worker_main(rank: int, spec: WorkerSpec, port: int, status):
         tp = connect(tcp_store(rank, spec.size, port), rank, spec.size, device)
         model = load_model(spec.model_path, spec.dtype, device, spec.max_model_len, spec.quant,
                            spec.quant_group_size, spec.kernels, tp)
-        mc = model.config
-        per_token = kv_cache_bytes_per_token(mc.num_layers, model.num_kv_heads, mc.head_dim, spec.dtype)
-        blocks = size_kv_cache(per_token, spec.block_size, device, spec.kv_cache_tokens,
-                               spec.kv_cache_memory_fraction, spec.max_batch_size * spec.max_model_len,
-                               min_tokens=spec.max_model_len)
+        blocks, _ = kv_cache_blocks(model, spec.dtype, device, spec.block_size, spec.kv_cache_tokens,
+                                    spec.kv_cache_memory_fraction, spec.max_batch_size, spec.max_model_len)
     except BaseException as e:
         status.write(" ".join(f"{type(e).__name__}: {e}".split()) + "\n")
         status.flush()
@@ -119,17 +117,14 @@ def worker_main(rank: int, spec: WorkerSpec, port: int, status):
     status.write(f"ok {blocks}\n")
     status.flush()
     cache: KVCacheSpec = tp.broadcast_object()
-    kv_caches = [torch.zeros(2, cache.num_blocks, cache.block_size, model.num_kv_heads, mc.head_dim,
-                             dtype=spec.dtype, device=device) for _ in range(mc.num_layers)]
+    kv_caches = allocate_kv_caches(model, cache.num_blocks, cache.block_size, spec.dtype, device)
     pool = LoRAPool(model.lora_shards(), spec.max_loras, spec.max_lora_rank, spec.dtype, device, model.ops.add_lora)
     with torch.inference_mode():
         while (msg := tp.broadcast_object()) is not None:
             for slot, adapter in msg.lora_installs:
                 pool.fill(slot, adapter)
             if msg.clear_blocks:
-                index = torch.tensor(msg.clear_blocks, device=device)
-                for kv in kv_caches:
-                    kv.index_fill_(1, index, 0)
+                zero_blocks(kv_caches, msg.clear_blocks)
             msg = StepMessage(*(to_device(getattr(msg, f), device) for f in ("input_ids", "positions", "meta",
                                                                               "lora_slots", "logits_rows")))
             pool.token_slots = msg.lora_slots
