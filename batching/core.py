@@ -33,7 +33,7 @@ from server.metrics import EngineMetrics, EngineState
 from server.model_source import resolve_model
 from server.sampling import InvalidRequestError, SampledToken, SamplingParams
 from server.structured_output import GrammarCompiler
-from server.tp_workers import TensorParallelWorkers, WorkerStartError
+from server.tp_workers import WorkerStartError
 from batching.sequence import FinishReason, Sequence, SequenceStatus
 from server.tokenizer import eos_token_ids, load_tokenizer
 
@@ -95,7 +95,6 @@ class EngineCore:
 
     def _load_model(self, config: EngineConfig):
         """The model, its KV cache, the model runner and the adapters named at start (on the step thread)."""
-        self.tp_workers: TensorParallelWorkers | None = None
         built = build_engine_model(config, self.model_path, self.device, self.dtype, self.max_model_len,
                                    self.eos_token_ids, self._on_worker_death)
         self.model, self.runner, self.lora_pool, self.tp_workers = built.model, built.runner, built.lora_pool, built.tp_workers

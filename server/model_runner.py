@@ -160,7 +160,6 @@ class ModelRunner:
         return StepResult(sampled, prompt_logprobs, failed)
 
 
-
 def _on_device(host: PreparedBatch, device: torch.device) -> PreparedBatch:
     """The batch with its tensors copied to the device (from pinned memory: the copies do not wait)."""
     return replace(host, input_ids=to_device(host.input_ids, device), positions=to_device(host.positions, device),

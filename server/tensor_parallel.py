@@ -56,7 +56,7 @@ class TensorParallel:
         return obj if self.rank == 0 else pickle.loads(data.numpy().tobytes())
 
     def shutdown(self):
-        for group in {id(g): g for g in (self.group, self.control) if g is not None}.values():
+        for group in (self.group, self.control):
             try:
                 group.shutdown()
             except (AttributeError, RuntimeError):   # gloo groups of some versions have no shutdown; a dead peer

@@ -7,8 +7,8 @@ from server.tensor_parallel import TensorParallel
 
 
 def vocab_shard(vocab_size: int, tp: TensorParallel) -> Shard:
-    """This rank's rows of the vocabulary; the last rank's are padded (zero rows) when the vocabulary does not
-    split evenly."""
+    """This rank's rows of the vocabulary; the last rank's run past it when the vocabulary does not split evenly
+    (the embedding's rows there stay zero, lm_head's logits there are cut off after the gather)."""
     size = -(-vocab_size // tp.size)
     return Shard(vocab_size, tp.rank * size, size)
 
