@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from batching.kv_cache import kv_cache_bytes_per_token, size_kv_cache
+from server.compiled_decode import build_compiled_decode
 from server.config import EngineConfig
 from server.cuda_graphs import build_decode_graphs
 from server.loader import load_hf_config, load_model
@@ -66,6 +67,8 @@ def build_engine_model(config: EngineConfig, model_path: Path, device: torch.dev
                 and workers is None):
             runner.decode_graphs = build_decode_graphs(model, kv_caches, config.max_batch_size, max_model_len,
                                                        config.block_size, runner.pad_block)
+        if config.compile and device.type == "cpu" and model.ops.name == "torch" and not bnb and workers is None:
+            runner.compiled_decode = build_compiled_decode(model, kv_caches, config.block_size, runner.pad_block)
         return EngineModel(model, runner, lora_pool, num_blocks, workers)
     except BaseException:
         if workers is not None:   # they may still be loading: not listening for a stop message

@@ -142,7 +142,7 @@ def format_report(r: DecodeReport) -> str:
 async def main(args) -> DecodeReport:
     engine = in_process_engine(EngineConfig(model=args.model, quant=args.quant, dtype=args.dtype, quant_group_size=args.group_size,
                                       max_batch_size=max(args.batch, 1), max_wait_ms=0, enable_prefix_caching=False,
-                                      enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                                      enforce_eager=args.enforce_eager, compile=args.compile, tensor_parallel_size=args.tensor_parallel_size,
                                       kv_cache_tokens=args.batch * (args.prompt_tokens + args.output_tokens + 64),
                                       max_model_len=args.prompt_tokens + args.output_tokens + 16))
     try:
@@ -173,6 +173,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, as python -m server --enforce-eager")
+    p.add_argument("--compile", action="store_true", help="CPU: the compiled decode step, as python -m server --compile")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="as python -m server --tensor-parallel-size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peer", choices=["transformers"], default=None, help="also time this peer on the same weights")

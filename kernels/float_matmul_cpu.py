@@ -30,7 +30,7 @@ def row_chunks(weight: torch.Tensor, threads: int | None = None) -> torch.Tensor
 def float_matmul(x: torch.Tensor, weight: torch.Tensor, chunks: torch.Tensor | None,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     # x: [..., K]; weight: [N, K]; chunks: row_chunks(weight); returns x @ weight.T (+ bias): [..., N]
-    if chunks is None:
+    if chunks is None or torch.compiler.is_compiling():   # compiled: Inductor picks its own GEMM
         return F.linear(x, weight, bias)
     C, n, K = chunks.shape
     if x.dim() == 2 and x.shape[0] == 1:   # one row: [C, n, K] @ [C, K, 1]

@@ -15,27 +15,17 @@ import triton.language as tl
 
 def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, window: int | None):
     # q: [T, Hq, Dh]; k, v: [T, Hkv, Dh]; k_cache, v_cache: [num_blocks, block_size, Hkv, Dh]
-    _, block_size, num_kv_heads, head_dim = k_cache.shape
-    slots = meta.slot_mapping
-    written = slots >= 0   # slot -1: a padding row (a CUDA graph's spare rows), nothing written
-    if not written.all():
-        slots, k, v = slots[written], k[written], v[written]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    block_size = k_cache.shape[1]
+    if torch.compiler.is_compiling():   # a compiled decode step (server/compiled_decode.py): one opaque op
+        g = meta.groups[0]
+        return decode_attention(q, k, v, k_cache, v_cache, meta.slot_mapping, g.block_tables,
+                                g.mask(window, block_size), scale)
+    _write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     groups = meta.merged_groups()
     out = None
     for g in groups:
-        batch, num_queries = g.shape
         rows = g.tokens if isinstance(g.tokens, slice) else g.tokens.view(-1)   # -1: padding (reads row -1)
-        qs = q[rows].view(batch, num_queries, *q.shape[1:]).transpose(1, 2)   # [B, Hq, Q, Dh]
-        # Whole blocks are gathered (index_select: 3x faster than advanced indexing on CPU), then seen as one
-        # key axis of MB * block_size positions.
-        blocks = g.block_tables.view(-1)
-        ks = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
-        vs = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask(window, block_size), scale=scale,
-                                           enable_gqa=num_kv_heads != q.shape[1])
-        o = o.transpose(1, 2).reshape(-1, *q.shape[1:])
+        o = _attend(q[rows], k_cache, v_cache, g.block_tables, g.mask(window, block_size), g.shape[1], scale)
         if len(groups) == 1 and isinstance(rows, slice) and o.shape[0] == q.shape[0]:
             return o   # one group of every row (a decode step): o is the output, in row order
         if out is None:
@@ -46,6 +36,44 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
             real = rows >= 0
             out[rows[real]] = o[real]
     return out if out is not None else torch.empty_like(q)
+
+
+def _write_kv(k, v, k_cache, v_cache, slots):
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    written = slots >= 0   # slot -1: a padding row (a CUDA graph's or compiled step's spare rows), nothing written
+    if not written.all():
+        slots, k, v = slots[written], k[written], v[written]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+
+
+def _attend(q, k_cache, v_cache, block_tables, mask, num_queries: int, scale: float):
+    # q: [B * Q, Hq, Dh], B rows of Q queries each; block_tables: [B, MB]; mask: [B, 1, Q, MB * block_size]
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    batch = block_tables.shape[0]
+    qs = q.view(batch, num_queries, *q.shape[1:]).transpose(1, 2)   # [B, Hq, Q, Dh]
+    # Whole blocks are gathered (index_select: 3x faster than advanced indexing on CPU), then seen as one
+    # key axis of MB * block_size positions.
+    blocks = block_tables.view(-1)
+    ks = k_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+    vs = v_cache.index_select(0, blocks).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=num_kv_heads != q.shape[1])
+    return o.transpose(1, 2).reshape(-1, *q.shape[1:])
+
+
+@torch.library.custom_op("lmserve::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                     mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The reference's decode step (one query per row) as one op a compiled graph calls as it is: writes the
+    rows' K/V into their slots, then attends through the block tables. q: [B, Hq, Dh]; returns [B, Hq, Dh]."""
+    _write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return _attend(q, k_cache, v_cache, block_tables, mask, 1, scale)
+
+
+@decode_attention.register_fake
+def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, mask, scale):
+    return torch.empty_like(q)
 
 
 @triton.jit

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from batching.scheduler import SchedulerOutput
+from server.compiled_decode import CompiledDecode
 from server.cuda_graphs import DecodeGraphs
 from server.errors import RequestFailedError
 from server.layers.attention import AttentionGroup, AttentionMetadata
@@ -57,6 +58,7 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.decode_graphs: DecodeGraphs | None = None   # set by the engine on CUDA unless --enforce-eager
+        self.compiled_decode: CompiledDecode | None = None   # set by the engine on CPU with --compile
         self._mask_filler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmserve-masks")
 
     def shutdown(self):
@@ -143,13 +145,17 @@ class ModelRunner:
         masks = self._mask_filler.submit(fill_bitmasks, grammars, self.model.config.vocab_size) if grammars else None
         if batch.step_message is not None:
             self.tp_workers.send(batch.step_message)
-        if self.decode_graphs is not None and self.decode_graphs.serves(batch):
+        logits = None
+        if self.compiled_decode is not None and self.compiled_decode.serves(batch):
+            logits = self.compiled_decode.run(batch)
+        elif self.decode_graphs is not None and self.decode_graphs.serves(batch):
             hidden = self.decode_graphs.run(batch)
         else:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora)
         sampled, failed = {}, {}
         if batch.sample_seqs:
-            logits = self.model.compute_logits(hidden[batch.sample_indices])
+            if logits is None:
+                logits = self.model.compute_logits(hidden[batch.sample_indices])
             sampled, failed = sample_isolating_failures(logits, batch.sample_seqs, batch.sampler_rows,
                                                         masks.result() if masks else None)
             advance_grammars(sampled, failed)

@@ -49,9 +49,12 @@ class RotaryEmbedding(nn.Module):
             return self.ops.rotary(positions, q, k, self.cos, self.sin)
         # The torch ops (kernels/rotary.py's reference, in fewer ops): every layer of a forward rotates by the
         # same positions, so their rows are gathered once, by the first layer.
-        if self._step is None or self._step[0] is not positions or self._step[1].dtype != q.dtype:
-            self._step = (positions, self.cos[positions].to(q.dtype).unsqueeze(1),
-                          self.signed_sin[positions].to(q.dtype).unsqueeze(1))
-        _, c, s = self._step
+        if torch.compiler.is_compiling():   # a compiled graph gathers them where it uses them
+            c, s = self.cos[positions].to(q.dtype).unsqueeze(1), self.signed_sin[positions].to(q.dtype).unsqueeze(1)
+        else:
+            if self._step is None or self._step[0] is not positions or self._step[1].dtype != q.dtype:
+                self._step = (positions, self.cos[positions].to(q.dtype).unsqueeze(1),
+                              self.signed_sin[positions].to(q.dtype).unsqueeze(1))
+            _, c, s = self._step
         half = q.shape[-1] // 2
         return q * c + q.roll(half, -1) * s, k * c + k.roll(half, -1) * s

@@ -1,0 +1,96 @@
+"""The compiled CPU decode step (server/compiled_decode.py, --compile): a request decoding alone runs the compiled
+graph and gives transformers' greedy tokens (Llama, and Mistral across its sliding window, contexts of one to
+four cache blocks); batches of several rows, prefill and adapters stay eager; a compile that fails or computes
+something else leaves the engine decoding eagerly."""
+import asyncio
+import logging
+
+import pytest
+
+from server import compiled_decode
+from server.config import EngineConfig
+from server.engine_client import in_process_engine
+from server.sampling import SamplingParams
+from tests.conftest import collect, random_prompts, run
+
+GREEDY = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+
+
+def engine(path: str, **kw):
+    return in_process_engine(EngineConfig(model=path, max_wait_ms=1, kv_cache_tokens=2048, block_size=16,
+                                          compile=True, **kw))
+
+
+def count_compiled_steps(e) -> list[int]:
+    """[steps the compiled graph ran]; the runner's compiled step is wrapped to count them."""
+    compiled, count = e.core.runner.compiled_decode, [0]
+    assert compiled is not None, "the decode step did not compile"
+    run_compiled = compiled.run
+
+    def counting(batch):
+        count[0] += 1
+        return run_compiled(batch)
+    compiled.run = counting
+    return count
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_a_request_decoding_alone_runs_the_compiled_step_and_gives_transformers_tokens(checkpoints, hf_reference,
+                                                                                        arch):
+    # 3 to 50 tokens of context: one to four blocks of 16; mistral's window is 24 tokens
+    prompts = random_prompts(3, [3, 17, 36], seed=21)
+    e = engine(checkpoints[arch])
+    compiled_steps = count_compiled_steps(e)
+
+    async def main():
+        try:
+            return [(await collect(e, p, GREEDY))[0] for p in prompts]
+        finally:
+            await e.core.shutdown()
+    ref = hf_reference(arch)
+    assert run(main()) == [ref.greedy(p, GREEDY.max_tokens, eos=False) for p in prompts]
+    assert compiled_steps[0] == len(prompts) * (GREEDY.max_tokens - 1)   # every decode step after each prefill
+
+
+def test_concurrent_requests_decode_eagerly_and_alone_again_compiled(llama, hf_reference):
+    prompts = random_prompts(3, [5, 20, 33], seed=22)
+    lengths = [6, 10, 18]   # the batch shrinks to the last request, which then decodes alone
+    e = engine(llama)
+    compiled_steps = count_compiled_steps(e)
+
+    async def main():
+        try:
+            return await asyncio.gather(*(
+                collect(e, p, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+                for p, n in zip(prompts, lengths)))
+        finally:
+            await e.core.shutdown()
+    results = [tokens for tokens, _, _ in run(main())]
+    ref = hf_reference("llama")
+    assert results == [ref.greedy(p, n, eos=False) for p, n in zip(prompts, lengths)]
+    assert 0 < compiled_steps[0] < lengths[-1] - 1
+
+
+def test_a_compiled_step_that_differs_from_eager_is_dropped_with_an_error(llama, monkeypatch, caplog):
+    monkeypatch.setattr(compiled_decode.CompiledDecode, "check_against_eager", lambda self: 0.5)
+    e = engine(llama)
+    assert e.core.runner.compiled_decode is None
+    assert "differs from the eager forward by 5.00e-01" in caplog.text
+
+    async def main():
+        try:
+            return (await collect(e, [5, 6, 7], GREEDY))[0]
+        finally:
+            await e.core.shutdown()
+    assert len(run(main())) == GREEDY.max_tokens
+
+
+def test_a_compile_that_fails_leaves_the_engine_decoding_eagerly(llama, monkeypatch, caplog):
+    def fail(self):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(compiled_decode.CompiledDecode, "check_against_eager", fail)
+    with caplog.at_level(logging.ERROR):
+        e = engine(llama)
+    assert e.core.runner.compiled_decode is None
+    assert "compiling the decode step failed; decoding eagerly" in caplog.text
+    run(e.core.shutdown())
