@@ -7,6 +7,7 @@ modes only: transformers has no int8/int4 CPU path of its own). llama.cpp decodi
 the peer a CPU user would pick; it is timed too when `llama_cpp` is importable (it is not a dependency).
 
     python -m bench.versus_transformers                      # the default model, every mode, batch 1 and 16
+    python -m bench.versus_transformers --compile            # lmserve's batch-1 decode step compiled (CPU)
 """
 import argparse
 import asyncio
@@ -34,9 +35,9 @@ TARGETS = [  # (what, numerator, denominator, target ratio)
 
 
 async def lmserve_speed(model: str | None, dtype: str, quant: str, batch: int, prompt_tokens: int,
-                        output_tokens: int, bandwidth: float) -> dict:
+                        output_tokens: int, bandwidth: float, compile: bool = False) -> dict:
     engine = in_process_engine(EngineConfig(model=model, dtype=dtype, quant=quant, max_batch_size=batch, max_wait_ms=0,
-                                      enable_prefix_caching=False,
+                                      enable_prefix_caching=False, compile=compile,
                                       kv_cache_tokens=batch * (prompt_tokens + output_tokens + 64)))
     try:
         r = await measure(engine, batch, prompt_tokens, output_tokens, bandwidth=bandwidth)
@@ -98,8 +99,9 @@ async def main(args) -> dict:
     for mode in args.modes.split(","):
         dtype, quant = MODES[mode]
         for b in batches:
+            # --compile: a lone request's decode step is compiled; a batch of several decodes runs eagerly anyway
             results[(mode, b)] = await lmserve_speed(args.model, dtype, quant, b, args.prompt_tokens,
-                                                     args.output_tokens, bandwidth)
+                                                     args.output_tokens, bandwidth, args.compile and b == 1)
             print(f"lmserve {mode:9s} batch {b:3d}: {results[(mode, b)]['tokens_per_s']:7.1f} tok/s", flush=True)
             if quant == "none" and not args.no_transformers:
                 results[(f"hf-{mode}", b)] = transformers_speed(source.path, dtype, b, args.prompt_tokens,
@@ -111,6 +113,7 @@ async def main(args) -> dict:
         peer = llama_cpp_speed(str(gguf), args.prompt_tokens, args.output_tokens, torch.get_num_threads())
         if peer is not None:
             results[("llama.cpp", 1)] = peer
+    print(f"lmserve's batch-1 decode step: {'compiled (--compile)' if args.compile else 'eager'}")
     print(format_table(results, args.batch, bandwidth))
     if args.json:
         with open(args.json, "w") as f:
@@ -143,6 +146,8 @@ def parse_args(argv=None):
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--gguf", default=None, help="the GGUF file llama.cpp decodes (default: the default model's)")
     p.add_argument("--no-transformers", action="store_true", help="time lmserve alone")
+    p.add_argument("--compile", action="store_true", help="lmserve at batch 1 with its compiled decode step, as "
+                   "python -m server --compile")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p.parse_args(argv)
 
