@@ -4,6 +4,7 @@ prepare() runs on the event loop (it reads sequences the loop owns); run() touch
 tensors, so it can run in a worker thread while the loop keeps serving.
 """
 import itertools
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -19,6 +20,8 @@ from server.grammar_masks import fill_bitmasks
 from server.tp_workers import StepMessage, TensorParallelWorkers, to_device
 from batching.kv_cache import zero_blocks
 from batching.sequence import Sequence
+
+log = logging.getLogger("lmserve.engine")
 
 
 @dataclass
@@ -145,9 +148,9 @@ class ModelRunner:
         masks = self._mask_filler.submit(fill_bitmasks, grammars, self.model.config.vocab_size) if grammars else None
         if batch.step_message is not None:
             self.tp_workers.send(batch.step_message)
-        logits = None
-        if self.compiled_decode is not None and self.compiled_decode.serves(batch):
-            logits = self.compiled_decode.run(batch)
+        logits = self._run_compiled(batch) if self.compiled_decode is not None else None
+        if logits is not None:
+            hidden = None
         elif self.decode_graphs is not None and self.decode_graphs.serves(batch):
             hidden = self.decode_graphs.run(batch)
         else:
@@ -164,6 +167,19 @@ class ModelRunner:
                                 [seq.params.prompt_logprobs] * len(targets))
             for seq, rows, targets in batch.prompt_scoring}
         return StepResult(sampled, prompt_logprobs, failed)
+
+    def _run_compiled(self, batch: PreparedBatch) -> torch.Tensor | None:
+        """The compiled step's logits for a batch it serves; None otherwise. If it fails (a recompile that
+        cannot compile, say), it is dropped and this and later steps run eagerly: the eager forward rewrites the
+        same K/V into the same slots."""
+        if not self.compiled_decode.serves(batch):
+            return None
+        try:
+            return self.compiled_decode.run(batch)
+        except Exception:
+            log.exception("the compiled decode step failed; decoding eagerly from now on")
+            self.compiled_decode = None
+            return None
 
 
 def _on_device(host: PreparedBatch, device: torch.device) -> PreparedBatch:

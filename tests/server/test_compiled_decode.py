@@ -94,3 +94,29 @@ def test_a_compile_that_fails_leaves_the_engine_decoding_eagerly(llama, monkeypa
     assert e.core.runner.compiled_decode is None
     assert "compiling the decode step failed; decoding eagerly" in caplog.text
     run(e.core.shutdown())
+
+
+def test_a_compiled_step_that_fails_while_serving_is_dropped_and_the_step_rerun_eagerly(llama, hf_reference, caplog):
+    e = engine(llama)
+    compiled = e.core.runner.compiled_decode
+    run_compiled, calls = compiled.run, [0]
+
+    def fails_on_the_third(batch):
+        calls[0] += 1
+        if calls[0] == 3:   # after writing this step's K/V, as a failure inside the graph would
+            run_compiled(batch)
+            raise RuntimeError("recompile failed")
+        return run_compiled(batch)
+    compiled.run = fails_on_the_third
+    prompt = random_prompts(1, [20], seed=23)[0]
+
+    async def main():
+        try:
+            return (await collect(e, prompt, GREEDY))[0]
+        finally:
+            await e.core.shutdown()
+    with caplog.at_level(logging.ERROR):
+        tokens = run(main())
+    assert tokens == hf_reference("llama").greedy(prompt, GREEDY.max_tokens, eos=False)
+    assert calls[0] == 3 and e.core.runner.compiled_decode is None
+    assert "the compiled decode step failed; decoding eagerly from now on" in caplog.text
