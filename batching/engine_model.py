@@ -69,6 +69,9 @@ def build_engine_model(config: EngineConfig, model_path: Path, device: torch.dev
                                                        config.block_size, runner.pad_block)
         if config.compile and device.type == "cpu" and model.ops.name == "torch" and not bnb and workers is None:
             runner.compiled_decode = build_compiled_decode(model, kv_caches, config.block_size, runner.pad_block)
+        elif config.compile:
+            log.warning("--compile serves CPU devices with the torch ops, without tensor parallelism or "
+                        "bitsandbytes; decoding eagerly")
         return EngineModel(model, runner, lora_pool, num_blocks, workers)
     except BaseException:
         if workers is not None:   # they may still be loading: not listening for a stop message

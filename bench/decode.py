@@ -38,6 +38,7 @@ class DecodeReport:
     quant: str
     kernels: str
     cuda_graphs: bool              # decode steps replayed CUDA graphs (off with --enforce-eager, and on CPU)
+    compiled: bool                 # a lone request's decode steps ran the compiled graph (--compile, CPU)
     tensor_parallel_size: int
     batch: int
     context_tokens: int            # prompt + generated, at the end
@@ -89,6 +90,7 @@ async def measure(engine: InProcessEngineClient, batch: int, prompt_tokens: int,
         model=str(engine.model_path), device=str(engine.core.device), dtype=str(engine.core.dtype).removeprefix("torch."),
         quant=engine.core.config.quant, kernels=engine.core.model.ops.name,
         cuda_graphs=engine.core.runner.decode_graphs is not None,
+        compiled=engine.core.runner.compiled_decode is not None,
         tensor_parallel_size=engine.core.config.tensor_parallel_size, batch=batch, context_tokens=context,
         weight_bytes=engine.core.model.weight_bytes, bytes_per_step=step_bytes, copy_gb_per_s=bandwidth / 1e9,
         floor_tokens_per_s=bandwidth / step_bytes, tokens_per_s=1 / p50, total_tokens_per_s=batch / p50,
@@ -129,7 +131,8 @@ def transformers_tokens_per_s(model: str, dtype: torch.dtype, device: torch.devi
 def format_report(r: DecodeReport) -> str:
     return "\n".join([
         f"model {r.model}  device {r.device}  dtype {r.dtype}  quant {r.quant}  kernels {r.kernels}  "
-        f"cuda graphs {'on' if r.cuda_graphs else 'off'}  tensor-parallel size {r.tensor_parallel_size}",
+        f"cuda graphs {'on' if r.cuda_graphs else 'off'}  compiled {'on' if r.compiled else 'off'}  "
+        f"tensor-parallel size {r.tensor_parallel_size}",
         f"batch {r.batch}  context {r.context_tokens} tokens  weights {r.weight_bytes / 2**30:.3f} GiB  "
         f"read per step {r.bytes_per_step / 2**30:.3f} GiB",
         f"copy bandwidth {r.copy_gb_per_s:.1f} GB/s  ->  floor {r.floor_tokens_per_s:.1f} tok/s per sequence",

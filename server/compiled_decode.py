@@ -1,15 +1,18 @@
-"""CompiledDecode: on CPU, the decode step (forward and logits) compiled by torch.compile into Inductor's C++.
+"""CompiledDecode: on CPU, the decode step of a request decoding alone (forward and logits) compiled by
+torch.compile into Inductor's C++.
 
 A CPU decode step is ~120 small matrix-vector products and ~1,000 small ops. Compiled as one graph with the
-weights frozen into it, Inductor fuses the small ops into a few C++ loops and multiplies by its own GEMM
-templates over prepacked weights, which read a float32 or int8 weight at close to the memory bandwidth where
-ATen's kernels reach half of it. The price: a compile at start (about a minute on two cores for the default
-model, less from Inductor's on-disk cache on the next start) and the weights held twice, packed for the graph
-and as they are for the eager steps (prefill, LoRA batches).
+weights frozen into it, Inductor fuses the small ops into a few C++ loops and multiplies one row by its own GEMV
+templates over prepacked weights, which read an int8 or float32 weight at close to the memory bandwidth where
+ATen's kernels reach half of it or less. The price: a compile at start (one to two minutes on two cores for the
+default model; Inductor's disk cache barely helps, the weights being frozen in) and the weights held twice,
+packed for the graph and as loaded for the eager steps.
 
-One graph serves every decode batch: shapes are dynamic, and a batch of one row or a context of one block is
-padded to two (slot -1, which the KV write skips; the padding block, masked), so no size is specialized.
-The attention is one opaque op (kernels/paged_attention.py: decode_attention) that writes the cache in place.
+The graph serves batches of one decode row: for several rows Inductor picks ATen's GEMMs anyway, and a dynamic
+row count would lose the templates. The context is dynamic (a context of one block is padded to two with the
+padding block, masked, so one block does not specialize it): one graph serves every length. The attention is
+one opaque op (kernels/paged_attention.py: decode_attention) that writes the cache in place. Once checked, the
+graph may not recompile: a step that would recompile fails instead, and the model runner goes eager for good.
 """
 import logging
 import time
@@ -17,6 +20,7 @@ import types
 
 import torch
 
+from batching.kv_cache import zero_blocks
 from server.layers.attention import AttentionGroup, AttentionMetadata
 
 log = logging.getLogger("lmserve.engine")
@@ -55,7 +59,12 @@ class CompiledDecode:
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, pad_block: int):
         self.model, self.kv_caches, self.block_size, self.pad_block = model, kv_caches, block_size, pad_block
         self.windows = tuple(dict.fromkeys(model.config.sliding_windows))
-        self.step = torch.compile(_with_own_forward(_DecodeStep(model, self.windows)), dynamic=False, options={
+        self.max_positions = model.model.layers[0].self_attn.rotary.cos.shape[0]
+        self.checked = False   # set once the graph compiled and matched the eager forward: no recompiles after
+        # fullgraph: a graph break would leave the model's inner frames compiled without module guards (below),
+        # shared by every layer and engine; it fails the compile instead.
+        self.step = torch.compile(_with_own_forward(_DecodeStep(model, self.windows)), dynamic=False, fullgraph=True,
+                                  options={
             "max_autotune": True,    # time Inductor's C++ GEMM templates against ATen's kernels, per shape, once
             "compile_threads": 1,    # the engine core is a daemonic process: no compile worker pool
             # the model's modules do not change after load: guarding each of its hundreds of tensors per call
@@ -64,21 +73,26 @@ class CompiledDecode:
         })
 
     def serves(self, batch) -> bool:
-        """A batch of decodes only (one group of single queries, each sampled), base model only."""
+        """One decode (a single query, sampled), base model, no prompt logprobs."""
         groups = batch.meta.groups
         return (len(groups) == 1 and groups[0].shape == (1, 1) and batch.lora_slots is None
                 and len(batch.sample_seqs) == 1 and not batch.prompt_scoring)
 
     def run(self, batch) -> torch.Tensor:
-        """The logits [B, V] (float32) of a batch serves() accepted, its K/V written to the cache."""
+        """The logits [1, V] (float32) of a batch serves() accepted, its K/V written to the cache."""
         group = batch.meta.groups[0]
         return self._run(batch.input_ids, batch.positions, batch.meta.slot_mapping, group.block_tables)
 
     @torch.inference_mode()
     def _run(self, input_ids, positions, slot_mapping, block_tables) -> torch.Tensor:
+        # Inference tensors, always: Dynamo guards on the tensor kind, and the step's inputs come from outside
+        # inference mode while the pads and masks are made inside it (a mix would compile a graph per mix).
+        input_ids, positions, slot_mapping = input_ids.clone(), positions.clone(), slot_mapping.clone()
         width = block_tables.shape[1]
         if width < 2:   # one block would specialize the graph to it: a second one, the padding block (masked)
             block_tables = torch.cat([block_tables, block_tables.new_full((1, 2 - width), self.pad_block)], dim=1)
+        else:
+            block_tables = block_tables.clone()
         group = AttentionGroup(slice(0, 1), block_tables, positions.view(-1, 1))
         masks = [group.mask(w, self.block_size) for w in self.windows]
         # The context is dynamic (a block more must not recompile); the rest of the graph keeps static shapes.
@@ -87,33 +101,42 @@ class CompiledDecode:
             torch._dynamo.mark_dynamic(m, 3)
         # Freezing (the weights become constants, prepacked for the GEMM templates) is read from Inductor's config
         # as it stands on the compiling thread, not from torch.compile's options.
-        with torch._inductor.config.patch(freezing=True):
+        with torch._inductor.config.patch(freezing=True), \
+                torch.compiler.set_stance("fail_on_recompile" if self.checked else "default"):
             return self.step(input_ids, positions, self.kv_caches, slot_mapping, block_tables, masks)
 
     @torch.inference_mode()
     def check_against_eager(self, width: int = 3) -> float:
-        """Runs the compiled step and the eager forward on the same made-up rows (slot -1: nothing written) and
-        returns the largest logit difference relative to the logits' scale."""
+        """Compiles the step and compares it with the eager forward on a made-up context: the eager forward writes
+        a prompt of about `width` blocks into blocks 0.. (no request holds any yet), then the next token decodes
+        compiled (writing its K/V) and eagerly (writing the same slot again); returns the largest logit difference
+        relative to the logits' scale. The blocks are zeroed after."""
+        width = max(1, min(width, self.pad_block, (self.max_positions - 1) // self.block_size))
+        n = min(width * self.block_size, self.max_positions) - 1   # prompt tokens; the decode's position
         vocab = self.model.config.vocab_size
-        input_ids = torch.tensor([7919 % vocab])
-        positions = torch.tensor([width * self.block_size - 3])
-        slots = torch.tensor([-1])
-        tables = torch.full((1, width), self.pad_block)
-        compiled = self._run(input_ids, positions, slots, tables)
-        meta = AttentionMetadata(slots, [AttentionGroup(slice(0, 1), tables, positions.view(-1, 1))])
-        eager = self.model.compute_logits(self.model(input_ids, positions, self.kv_caches, meta))
+        ids = torch.arange(1, n + 2) * 7919 % vocab
+        table = torch.arange(width).view(1, width)
+        slots = torch.arange(n + 1)   # blocks 0..width-1 in order: slot == position
+        prompt = AttentionMetadata(slots[:n], [AttentionGroup(slice(0, n), table, slots[:n].view(1, n))])
+        try:
+            self.model(ids[:n], slots[:n], self.kv_caches, prompt)
+            decode = (ids[n:], slots[n:], slots[n:], table)
+            compiled = self._run(*decode)
+            meta = AttentionMetadata(slots[n:], [AttentionGroup(slice(0, 1), table, slots[n:].view(1, 1))])
+            eager = self.model.compute_logits(self.model(ids[n:], slots[n:], self.kv_caches, meta))
+        finally:
+            zero_blocks(self.kv_caches, list(range(width)))
         scale = eager.abs().max().clamp_min(1e-6)
         return ((compiled - eager).abs().max() / scale).item()
 
 
 def build_compiled_decode(model, kv_caches: list[torch.Tensor], block_size: int,
                           pad_block: int) -> CompiledDecode | None:
-    """Compiles the step (a warm-up run: one batch serves every later shape) and checks it against the eager
-    forward; None (decode runs eagerly) when compiling fails or the graph computes something else, logged as an
-    error."""
+    """Compiles the step and checks it against the eager forward; None (decode runs eagerly) when compiling fails
+    or the graph computes something else, logged as an error."""
     start = time.perf_counter()
-    compiled = CompiledDecode(model, kv_caches, block_size, pad_block)
     try:
+        compiled = CompiledDecode(model, kv_caches, block_size, pad_block)
         error = compiled.check_against_eager()
     except Exception:
         log.exception("compiling the decode step failed; decoding eagerly")
@@ -123,5 +146,6 @@ def build_compiled_decode(model, kv_caches: list[torch.Tensor], block_size: int,
         log.error("the compiled decode step differs from the eager forward by %.2e of the logits' scale; "
                   "decoding eagerly", error)
         return None
+    compiled.checked = True
     log.info("decode step compiled in %.1f s; compiled vs eager %.1e", time.perf_counter() - start, error)
     return compiled

@@ -85,15 +85,21 @@ def test_a_compiled_step_that_differs_from_eager_is_dropped_with_an_error(llama,
     assert len(run(main())) == GREEDY.max_tokens
 
 
-def test_a_compile_that_fails_leaves_the_engine_decoding_eagerly(llama, monkeypatch, caplog):
-    def fail(self):
+def test_a_compile_that_fails_leaves_the_engine_decoding_eagerly(llama, hf_reference, monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
-    monkeypatch.setattr(compiled_decode.CompiledDecode, "check_against_eager", fail)
+    monkeypatch.setattr(compiled_decode.torch, "compile", no_compiler)
     with caplog.at_level(logging.ERROR):
         e = engine(llama)
     assert e.core.runner.compiled_decode is None
     assert "compiling the decode step failed; decoding eagerly" in caplog.text
-    run(e.core.shutdown())
+
+    async def main():
+        try:
+            return (await collect(e, [5, 6, 7], GREEDY))[0]
+        finally:
+            await e.core.shutdown()
+    assert run(main()) == hf_reference("llama").greedy([5, 6, 7], GREEDY.max_tokens, eos=False)
 
 
 def test_a_compiled_step_that_fails_while_serving_is_dropped_and_the_step_rerun_eagerly(llama, hf_reference, caplog):
