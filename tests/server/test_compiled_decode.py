@@ -34,6 +34,16 @@ def count_compiled_steps(e) -> list[int]:
     return count
 
 
+def one_at_a_time(e, prompts) -> list[list[int]]:
+    """Each prompt's greedy tokens, one request after another (each decodes alone); the engine stops after."""
+    async def main():
+        try:
+            return [(await collect(e, p, GREEDY))[0] for p in prompts]
+        finally:
+            await e.core.shutdown()
+    return run(main())
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 def test_a_request_decoding_alone_runs_the_compiled_step_and_gives_transformers_tokens(checkpoints, hf_reference,
                                                                                         arch):
@@ -41,14 +51,8 @@ def test_a_request_decoding_alone_runs_the_compiled_step_and_gives_transformers_
     prompts = random_prompts(3, [3, 17, 36], seed=21)
     e = engine(checkpoints[arch])
     compiled_steps = count_compiled_steps(e)
-
-    async def main():
-        try:
-            return [(await collect(e, p, GREEDY))[0] for p in prompts]
-        finally:
-            await e.core.shutdown()
     ref = hf_reference(arch)
-    assert run(main()) == [ref.greedy(p, GREEDY.max_tokens, eos=False) for p in prompts]
+    assert one_at_a_time(e, prompts) == [ref.greedy(p, GREEDY.max_tokens, eos=False) for p in prompts]
     assert compiled_steps[0] == len(prompts) * (GREEDY.max_tokens - 1)   # every decode step after each prefill
 
 
@@ -76,13 +80,7 @@ def test_a_compiled_step_that_differs_from_eager_is_dropped_with_an_error(llama,
     e = engine(llama)
     assert e.core.runner.compiled_decode is None
     assert "differs from the eager forward by 5.00e-01" in caplog.text
-
-    async def main():
-        try:
-            return (await collect(e, [5, 6, 7], GREEDY))[0]
-        finally:
-            await e.core.shutdown()
-    assert len(run(main())) == GREEDY.max_tokens
+    assert len(one_at_a_time(e, [[5, 6, 7]])[0]) == GREEDY.max_tokens
 
 
 def test_a_compile_that_fails_leaves_the_engine_decoding_eagerly(llama, hf_reference, monkeypatch, caplog):
@@ -93,13 +91,7 @@ def test_a_compile_that_fails_leaves_the_engine_decoding_eagerly(llama, hf_refer
         e = engine(llama)
     assert e.core.runner.compiled_decode is None
     assert "compiling the decode step failed; decoding eagerly" in caplog.text
-
-    async def main():
-        try:
-            return (await collect(e, [5, 6, 7], GREEDY))[0]
-        finally:
-            await e.core.shutdown()
-    assert run(main()) == hf_reference("llama").greedy([5, 6, 7], GREEDY.max_tokens, eos=False)
+    assert one_at_a_time(e, [[5, 6, 7]]) == [hf_reference("llama").greedy([5, 6, 7], GREEDY.max_tokens, eos=False)]
 
 
 def test_a_compiled_step_that_fails_while_serving_is_dropped_and_the_step_rerun_eagerly(llama, hf_reference, caplog):
@@ -115,14 +107,8 @@ def test_a_compiled_step_that_fails_while_serving_is_dropped_and_the_step_rerun_
         return run_compiled(batch)
     compiled.run = fails_on_the_third
     prompt = random_prompts(1, [20], seed=23)[0]
-
-    async def main():
-        try:
-            return (await collect(e, prompt, GREEDY))[0]
-        finally:
-            await e.core.shutdown()
     with caplog.at_level(logging.ERROR):
-        tokens = run(main())
-    assert tokens == hf_reference("llama").greedy(prompt, GREEDY.max_tokens, eos=False)
+        tokens = one_at_a_time(e, [prompt])
+    assert tokens == [hf_reference("llama").greedy(prompt, GREEDY.max_tokens, eos=False)]
     assert calls[0] == 3 and e.core.runner.compiled_decode is None
     assert "the compiled decode step failed; decoding eagerly from now on" in caplog.text
