@@ -4,9 +4,9 @@ torch.compile into Inductor's C++.
 A CPU decode step is ~120 small matrix-vector products and ~1,000 small ops. Compiled as one graph with the
 weights frozen into it, Inductor fuses the small ops into a few C++ loops and multiplies one row by its own GEMV
 templates over prepacked weights, which read an int8 or float32 weight at close to the memory bandwidth where
-ATen's kernels reach half of it or less. The price: a compile at start (one to two minutes on two cores for the
-default model; Inductor's disk cache barely helps, the weights being frozen in) and the weights held twice,
-packed for the graph and as loaded for the eager steps.
+ATen's kernels reach half of it or less. The price: a compile at start (75 s on two cores for the default model,
+40 s from Inductor's disk cache) and the weights held twice, packed for the graph and as loaded for the eager
+steps.
 
 The graph serves batches of one decode row: for several rows Inductor picks ATen's GEMMs anyway, and a dynamic
 row count would lose the templates. The context is dynamic (a context of one block is padded to two with the
@@ -56,6 +56,8 @@ def _with_own_forward(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class CompiledDecode:
+    """The compiled step over the model and its KV caches; the model runner asks serves() before each step."""
+
     def __init__(self, model, kv_caches: list[torch.Tensor], block_size: int, pad_block: int):
         self.model, self.kv_caches, self.block_size, self.pad_block = model, kv_caches, block_size, pad_block
         self.windows = tuple(dict.fromkeys(model.config.sliding_windows))
