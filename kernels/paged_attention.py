@@ -40,7 +40,7 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
 
 def _write_kv(k, v, k_cache, v_cache, slots):
     _, _, num_kv_heads, head_dim = k_cache.shape
-    written = slots >= 0   # slot -1: a padding row (a CUDA graph's or compiled step's spare rows), nothing written
+    written = slots >= 0   # slot -1: a padding row (a CUDA graph's spare rows), nothing written
     if not written.all():
         slots, k, v = slots[written], k[written], v[written]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)

@@ -148,12 +148,10 @@ class ModelRunner:
         masks = self._mask_filler.submit(fill_bitmasks, grammars, self.model.config.vocab_size) if grammars else None
         if batch.step_message is not None:
             self.tp_workers.send(batch.step_message)
-        logits = self._run_compiled(batch) if self.compiled_decode is not None else None
-        if logits is not None:
-            hidden = None
-        elif self.decode_graphs is not None and self.decode_graphs.serves(batch):
+        logits = self._run_compiled(batch)   # the compiled step's logits, or None: the forward runs here
+        if logits is None and self.decode_graphs is not None and self.decode_graphs.serves(batch):
             hidden = self.decode_graphs.run(batch)
-        else:
+        elif logits is None:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta, lora)
         sampled, failed = {}, {}
         if batch.sample_seqs:
@@ -172,7 +170,7 @@ class ModelRunner:
         """The compiled step's logits for a batch it serves; None otherwise. If it fails (a recompile that
         cannot compile, say), it is dropped and this and later steps run eagerly: the eager forward rewrites the
         same K/V into the same slots."""
-        if not self.compiled_decode.serves(batch):
+        if self.compiled_decode is None or not self.compiled_decode.serves(batch):
             return None
         try:
             return self.compiled_decode.run(batch)
