@@ -36,13 +36,13 @@ class Linear(Partitioned):
         super().__init__(in_features, out_features, partition)
         self.weight = _param(self.out_features, self.in_features)
         self.bias = _param(self.out_features) if bias else None
-        self.cpu_chunks = None   # set at load on CPU: the weight as row chunks (kernels/float_matmul_cpu.py)
+        self.cpu_weight = None   # set at load on CPU: chunked and packed forms (kernels/float_matmul_cpu.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return float_matmul_cpu.float_matmul(x, self.weight, self.cpu_chunks, self.bias)
+        return float_matmul_cpu.float_matmul(x, self.weight, self.cpu_weight, self.bias)
 
     def use_cpu_matmul(self):
-        self.cpu_chunks = float_matmul_cpu.row_chunks(self.weight)
+        self.cpu_weight = float_matmul_cpu.cpu_float_weight(self.weight)
 
 
 class Int8Linear(Partitioned):
@@ -124,7 +124,7 @@ class GPTQLinear(Partitioned):
         # weight and scales_and_zeros, or (where it does not apply) the dequantized weight [N, K].
         self.int4_group_size: int | None = None
         self.int4_weight = self.int4_scales_and_zeros = self.weight = None
-        self.cpu_chunks = None   # set at load for a dequantized weight, as Linear's
+        self.cpu_weight = None   # set at load for a dequantized weight, as Linear's
 
     def load(self, leaf: str, tensor: torch.Tensor, part: int = 0):
         if leaf != "g_idx":
@@ -188,7 +188,7 @@ class GPTQLinear(Partitioned):
 
     def use_cpu_matmul(self):
         if self.weight is not None:
-            self.cpu_chunks = float_matmul_cpu.row_chunks(self.weight)
+            self.cpu_weight = float_matmul_cpu.cpu_float_weight(self.weight)
 
     def dequantized_weight(self) -> torch.Tensor:
         """[N, K] float32 in x's original column order: the weight this layer computes with."""
@@ -211,7 +211,7 @@ class GPTQLinear(Partitioned):
         if self.int4_weight is not None:
             y = cpu.int4_matmul(x, self.int4_weight, self.int4_group_size, self.int4_scales_and_zeros)
         elif self.weight is not None:
-            y = float_matmul_cpu.float_matmul(x, self.weight, self.cpu_chunks)
+            y = float_matmul_cpu.float_matmul(x, self.weight, self.cpu_weight)
         else:
             y = self.ops.gptq_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.quant.bits,
                                      self.quant.zero_offset, self.plain_group_size)
