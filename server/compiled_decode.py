@@ -11,8 +11,9 @@ steps.
 The graph serves batches of one decode row: for several rows Inductor picks ATen's GEMMs anyway, and a dynamic
 row count would lose the templates. The context is dynamic (a context of one block is padded to two with the
 padding block, masked, so one block does not specialize it): one graph serves every length. The attention is
-one opaque op (kernels/paged_attention.py: decode_attention) that writes the cache in place. Once checked, the
-graph may not recompile: a step that would recompile fails instead, and the model runner goes eager for good.
+traced too (kernels/paged_attention.py: the K/V written into the cache in place, the block gather fused into the
+products). Once checked, the graph may not recompile: a step that would recompile fails instead, and the model
+runner goes eager for good.
 """
 import logging
 import time
