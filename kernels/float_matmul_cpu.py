@@ -9,10 +9,10 @@ view of the weight as the checkpoint stores it (output-major).
 
 From three rows on (a decode step of several sequences, a prefill) the product is compute-bound, and oneDNN's
 GEMM over a copy of the weight reordered once into its own blocked layout (torch.ops.mkldnn: what Inductor's
-freezing does to the same layers) runs 1.6-3x faster than MKL's F.linear or the chunks over the plain weight
-(the default model's 210 layer weights at 16 rows: 33 ms against 53). At one row it is the other way round (28
-ms against 16: streaming the plain weight wins), so a float32 weight on CPU is held twice, plain and packed.
-bfloat16 weights have no chunks (a chunked bmm gains nothing there) and take the packed GEMM at every row count.
+freezing does to the same layers) runs well ahead of MKL's F.linear or the chunks over the plain weight; at one
+or two rows streaming the plain weight wins (bench/RESULTS.md, "oneDNN's packed GEMM"). So a float32 weight on
+CPU is held twice, plain and packed. bfloat16 weights have no chunks (a chunked bmm gains nothing there) and take
+the packed GEMM at every row count where oneDNN supports bfloat16; F.linear elsewhere.
 """
 from dataclasses import dataclass
 

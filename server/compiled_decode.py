@@ -5,8 +5,8 @@ A CPU decode step is ~120 small matrix-vector products and ~1,000 small ops. Com
 weights frozen into it, Inductor fuses the small ops into a few C++ loops and multiplies one row by its own GEMV
 templates over prepacked weights, which read an int8 or float32 weight at close to the memory bandwidth where
 ATen's kernels reach half of it or less. The price: a compile at start (75 s on two cores for the default model,
-40 s from Inductor's disk cache) and the weights held twice, packed for the graph and as loaded for the eager
-steps.
+40 s from Inductor's disk cache) and one more copy of the weights, frozen and packed for the graph, beside the
+eager steps' (kernels/float_matmul_cpu.py).
 
 The graph serves batches of one decode row: for several rows Inductor picks ATen's GEMMs anyway, and a dynamic
 row count would lose the templates. The context is dynamic (a context of one block is padded to two with the

@@ -108,10 +108,13 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
     model.weight_bytes = weight_bytes(model)
     model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
                                     if name.endswith("_proj") and "." in name)
-    log.info("loaded %s from %s (%d tensors, %s, %s kernels%s): weights %.1f MiB, of which linear layers %.1f MiB",
+    packed = sum(m.cpu_weight.packed.numel() * m.cpu_weight.packed.element_size() for m in model.modules()
+                 if getattr(m, "cpu_weight", None) is not None and m.cpu_weight.packed is not None)
+    log.info("loaded %s from %s (%d tensors, %s, %s kernels%s): weights %.1f MiB, of which linear layers %.1f MiB%s",
              cfg.architecture, path, len(loaded), quant_config.method if quant_config else "no quantization",
              linear.ops.name, f", tensor-parallel rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
-             model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20)
+             model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20,
+             f"; plus {packed / 2**20:.1f} MiB of oneDNN-packed copies for multi-row matmuls" if packed else "")
     return model.eval()
 
 
