@@ -182,7 +182,7 @@ def size_kv_cache(bytes_per_token: int, block_size: int, device: torch.device, k
         free, _ = torch.cuda.mem_get_info(device)
         budget = free * (memory_fraction or 0.9)
     else:
-        budget = _available_host_memory() * (memory_fraction or 0.2)
+        budget = available_host_memory() * (memory_fraction or 0.2)
         budget = min(budget, max_useful_tokens * bytes_per_token)  # more than every seat at full length is waste on CPU
         if memory_fraction is None:
             budget = min(budget, CPU_DEFAULT_BUDGET)
@@ -195,7 +195,7 @@ def size_kv_cache(bytes_per_token: int, block_size: int, device: torch.device, k
     return num_blocks
 
 
-def _available_host_memory() -> int:
+def available_host_memory() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

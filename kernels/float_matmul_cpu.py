@@ -11,8 +11,9 @@ From three rows on (a decode step of several sequences, a prefill) the product i
 GEMM over a copy of the weight reordered once into its own blocked layout (torch.ops.mkldnn: what Inductor's
 freezing does to the same layers) runs well ahead of MKL's F.linear or the chunks over the plain weight; at one
 or two rows streaming the plain weight wins (bench/RESULTS.md, "oneDNN's packed GEMM"). So a float32 weight on
-CPU is held twice, plain and packed. bfloat16 weights have no chunks (a chunked bmm gains nothing there) and take
-the packed GEMM at every row count where oneDNN supports bfloat16; F.linear elsewhere.
+CPU is held twice, plain and packed (the loader packs only where the copies fit in half the memory available).
+bfloat16 weights, and float32 ones with one thread, have no chunks (a chunked bmm gains nothing there) and take
+the packed GEMM at every row count where oneDNN supports their dtype; F.linear elsewhere.
 """
 from dataclasses import dataclass
 
@@ -28,14 +29,14 @@ class CpuFloatWeight:
     packed: torch.Tensor | None   # oneDNN's reordered copy, for more rows (and every row count without chunks)
 
 
-def cpu_float_weight(weight: torch.Tensor, threads: int | None = None) -> CpuFloatWeight | None:
-    """The CPU forms of a float weight [N, K], or None where neither applies (F.linear then). Take it after the
-    weight's storage is final: the chunks are a view of it."""
+def cpu_float_weight(weight: torch.Tensor, threads: int | None = None, pack: bool = True) -> CpuFloatWeight | None:
+    """The CPU forms of a float weight [N, K] (the packed copy only with pack), or None where neither applies
+    (F.linear then). Take it after the weight's storage is final: the chunks are a view of it."""
     if weight.device.type != "cpu":
         return None
     chunks = row_chunks(weight, threads)
     packed = None
-    if torch.backends.mkldnn.is_available() and (
+    if pack and torch.backends.mkldnn.is_available() and (
             weight.dtype == torch.float32 or
             (weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())

@@ -6,6 +6,10 @@ head of that KV head, so each K/V block is read once for the whole GQA group. Q 
 prefill over a cached prefix) runs one program per (sequence, query head, BLOCK_M queries). Both walk the
 context a tile of keys at a time (a tile may span several cache blocks: each key's block comes from the block
 table) with an online softmax in float32, and honour a sliding window.
+
+The torch reference (paged_attention_reference) serves the CPU: index_copy into the slots, a gather of whole
+blocks and SDPA with a mask. Inside a compiled CPU decode step (server/compiled_decode.py) the write is one
+custom op (lmserve::write_kv) and the attention plain products and sums that Inductor fuses with the gather.
 """
 import torch
 import torch.nn.functional as F

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
+from batching.kv_cache import available_host_memory
 from server.layers.linear import LinearFactory, weight_bytes
 from server.layers.partition import Partitioned
 from server.layers.ops import select_ops
@@ -102,9 +103,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
             except ValueError as e:   # what the tensors say together: g_idx out of range, fused parts that disagree
                 raise CheckpointError(f"checkpoint {path}: {name}: {e}") from None
     if device.type == "cpu" and linear.ops.name == "torch":
-        for module in model.modules():
-            if hasattr(module, "use_cpu_matmul"):
-                module.use_cpu_matmul()
+        _use_cpu_matmuls(model)
     model.weight_bytes = weight_bytes(model)
     model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
                                     if name.endswith("_proj") and "." in name)
@@ -116,6 +115,21 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
              model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20,
              f"; plus {packed / 2**20:.1f} MiB of oneDNN-packed copies for multi-row matmuls" if packed else "")
     return model.eval()
+
+
+def _use_cpu_matmuls(model: LlamaForCausalLM):
+    """Gives each float layer its CPU forms (kernels/float_matmul_cpu.py), the oneDNN-packed copies only where
+    they fit in half the memory available: a float model too large to hold twice runs F.linear on several rows."""
+    layers = [m for m in model.modules() if hasattr(m, "use_cpu_matmul")]
+    float_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers
+                      if m.weight is not None and m.weight.dtype in (torch.float32, torch.bfloat16))
+    available = available_host_memory()
+    pack = float_bytes <= available // 2
+    if not pack:
+        log.warning("not packing the float weights for oneDNN's multi-row GEMM: a copy of their %.0f MiB would take "
+                    "more than half of the %.0f MiB available", float_bytes / 2**20, available / 2**20)
+    for m in layers:
+        m.use_cpu_matmul(pack)
 
 
 def _read_checkpoint(path: Path, cfg: ModelConfig, parts: dict, plain: dict, gptq: bool, quant_config) -> set[str]:

@@ -9,7 +9,8 @@ load(). The loader then calls finish_loading(), where an act-order GPTQ layer so
 the kernels' fast path serves it, and, with the torch ops on CPU, quantized layers take PyTorch's packed
 kernels (kernels/quant_matmul_cpu.py): int8 keeps its weight and stores its scales in the kernels' dtype;
 4-bit GPTQ is repacked into the int4 layout, and a GPTQ layer no kernel serves is dequantized to a float
-weight, once. Either way the GPTQ tensors are dropped.
+weight, once. Either way the GPTQ tensors are dropped. Float weights on CPU get their chunked view and
+oneDNN-packed copy through use_cpu_matmul() (kernels/float_matmul_cpu.py).
 """
 import torch
 from torch import nn
@@ -41,8 +42,8 @@ class Linear(Partitioned):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return float_matmul_cpu.float_matmul(x, self.weight, self.cpu_weight, self.bias)
 
-    def use_cpu_matmul(self):
-        self.cpu_weight = float_matmul_cpu.cpu_float_weight(self.weight)
+    def use_cpu_matmul(self, pack: bool):
+        self.cpu_weight = float_matmul_cpu.cpu_float_weight(self.weight, pack=pack)
 
 
 class Int8Linear(Partitioned):
@@ -186,9 +187,9 @@ class GPTQLinear(Partitioned):
             self.weight = nn.Parameter(w.t().to(self.dtype).contiguous(), requires_grad=False)
         self.qweight = self.qzeros = self.scales = self.g_idx = None
 
-    def use_cpu_matmul(self):
+    def use_cpu_matmul(self, pack: bool):
         if self.weight is not None:
-            self.cpu_weight = float_matmul_cpu.cpu_float_weight(self.weight)
+            self.cpu_weight = float_matmul_cpu.cpu_float_weight(self.weight, pack=pack)
 
     def dequantized_weight(self) -> torch.Tensor:
         """[N, K] float32 in x's original column order: the weight this layer computes with."""

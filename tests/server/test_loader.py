@@ -11,14 +11,18 @@ from tests.conftest import random_prompts
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_logits_match_hf_for_a_full_prompt(checkpoints, hf_reference, arch):
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "unpacked"])
+def test_logits_match_hf_for_a_full_prompt(checkpoints, hf_reference, arch, packed, monkeypatch):
     from batching.scheduler import ScheduledSequence, SchedulerOutput
     from batching.kv_cache import BlockManager
     from server.model_runner import ModelRunner
     from server.sampling import SamplingParams
     from batching.sequence import Sequence
 
+    if not packed:   # too little memory for the oneDNN-packed copies: the 60 rows run F.linear
+        monkeypatch.setattr("server.loader.available_host_memory", lambda: 0)
     model = load_model(checkpoints[arch], torch.float32, torch.device("cpu"), 512)
+    assert (model.lm_head.cpu_weight.packed is not None) == (packed and torch.backends.mkldnn.is_available())
     cfg = model.config
     caches = [torch.zeros(2, 17, 16, cfg.num_kv_heads, cfg.head_dim) for _ in range(cfg.num_layers)]  # + padding
     runner = ModelRunner(model, caches, 16, torch.device("cpu"), (1,))
@@ -32,6 +36,15 @@ def test_logits_match_hf_for_a_full_prompt(checkpoints, hf_reference, arch):
         ours = model.compute_logits(hidden)
         theirs = hf_reference(arch).model(torch.tensor([prompt])).logits[0]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_float_weights_are_not_packed_where_a_copy_does_not_fit(llama, monkeypatch, caplog):
+    monkeypatch.setattr("server.loader.available_host_memory", lambda: 0)
+    with caplog.at_level("WARNING", logger="server.loader"):
+        model = load_model(llama, torch.float32, torch.device("cpu"), 512)
+    layers = [m for m in model.modules() if hasattr(m, "cpu_weight")]
+    assert layers and all(m.cpu_weight is None or m.cpu_weight.packed is None for m in layers)
+    assert "not packing the float weights" in caplog.text
 
 
 def test_unsupported_architecture_names_what_is_supported(llama, tmp_path):

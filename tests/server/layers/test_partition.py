@@ -46,7 +46,7 @@ def build(fmt: str, partition: Partition, tensors: list[dict]):
             layer.load_float_weight(t, part) if leaf == "weight" else layer.load(leaf, t, part)
     layer.finish_loading()
     if hasattr(layer, "use_cpu_matmul"):
-        layer.use_cpu_matmul()
+        layer.use_cpu_matmul(pack=True)
     return layer
 
 
