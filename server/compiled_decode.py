@@ -12,8 +12,8 @@ The graph serves batches of one decode row: for several rows Inductor picks ATen
 row count would lose the templates. The context is dynamic (a context of one block is padded to two with the
 padding block, masked, so one block does not specialize it): one graph serves every length. The attention's
 reads and products are traced too, the block gather fused into them; its K/V write is one opaque op that writes
-the cache in place (kernels/paged_attention.py). Once checked, the graph may not recompile: a step that would recompile fails instead, and the model
-runner goes eager for good.
+the cache in place (kernels/paged_attention.py). Once checked, the graph may not recompile: a step that would
+recompile fails instead, and the model runner goes eager for good.
 """
 import logging
 import time
