@@ -43,10 +43,15 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
 
 
 def _write_kv(k, v, k_cache, v_cache, slots):
-    _, _, num_kv_heads, head_dim = k_cache.shape
     written = slots >= 0   # slot -1: a padding row (a CUDA graph's spare rows), nothing written
     if not written.all():
         slots, k, v = slots[written], k[written], v[written]
+    _copy_kv(k, v, k_cache, v_cache, slots)
+
+
+def _copy_kv(k, v, k_cache, v_cache, slots):
+    # every row of k, v into its slot
+    _, _, num_kv_heads, head_dim = k_cache.shape
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
@@ -71,9 +76,7 @@ def write_kv_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache
     """The K/V write of a compiled step, one op the graph calls as it is (traced, the write into a view of the
     layer's cache, K and V being halves of one tensor, becomes a copy of the whole V half every step). A compiled
     step has no padding rows, so unlike _write_kv it writes every row without checking."""
-    _, _, num_kv_heads, head_dim = k_cache.shape
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    _copy_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 @write_kv_op.register_fake
