@@ -102,13 +102,10 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                 module.finish_loading()
             except ValueError as e:   # what the tensors say together: g_idx out of range, fused parts that disagree
                 raise CheckpointError(f"checkpoint {path}: {name}: {e}") from None
-    if device.type == "cpu" and linear.ops.name == "torch":
-        _use_cpu_matmuls(model)
+    packed = _use_cpu_matmuls(model) if device.type == "cpu" and linear.ops.name == "torch" else 0
     model.weight_bytes = weight_bytes(model)
     model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
                                     if name.endswith("_proj") and "." in name)
-    packed = sum(m.cpu_weight.packed.numel() * m.cpu_weight.packed.element_size() for m in model.modules()
-                 if getattr(m, "cpu_weight", None) is not None and m.cpu_weight.packed is not None)
     log.info("loaded %s from %s (%d tensors, %s, %s kernels%s): weights %.1f MiB, of which linear layers %.1f MiB%s",
              cfg.architecture, path, len(loaded), quant_config.method if quant_config else "no quantization",
              linear.ops.name, f", tensor-parallel rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
@@ -117,9 +114,10 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
     return model.eval()
 
 
-def _use_cpu_matmuls(model: LlamaForCausalLM):
+def _use_cpu_matmuls(model: LlamaForCausalLM) -> int:
     """Gives each float layer its CPU forms (kernels/float_matmul_cpu.py), the oneDNN-packed copies only where
-    they fit in half the memory available: a float model too large to hold twice runs F.linear on several rows."""
+    they fit in half the memory available: a float model too large to hold twice runs F.linear on several rows.
+    Returns the bytes of the packed copies."""
     layers = [m for m in model.modules() if hasattr(m, "use_cpu_matmul")]
     float_bytes = sum(m.weight.numel() * m.weight.element_size() for m in layers
                       if m.weight is not None and m.weight.dtype in (torch.float32, torch.bfloat16))
@@ -130,6 +128,8 @@ def _use_cpu_matmuls(model: LlamaForCausalLM):
                     "more than half of the %.0f MiB available", float_bytes / 2**20, available / 2**20)
     for m in layers:
         m.use_cpu_matmul(pack)
+    return sum(m.cpu_weight.packed.numel() * m.cpu_weight.packed.element_size() for m in layers
+               if m.cpu_weight is not None and m.cpu_weight.packed is not None)
 
 
 def _read_checkpoint(path: Path, cfg: ModelConfig, parts: dict, plain: dict, gptq: bool, quant_config) -> set[str]:
