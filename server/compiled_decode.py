@@ -8,6 +8,9 @@ ATen's kernels reach half of it or less. The price: a compile at start (75 s on 
 40 s from Inductor's disk cache) and one more copy of the weights, frozen and packed for the graph, beside the
 eager steps' (kernels/float_matmul_cpu.py).
 
+Where --quant rounded lm_head to int8 (server/loader.py), the graph reads its int8 codes, a quarter of the float32
+bytes, in a multiply-and-sum loop Inductor writes; the eager steps multiply by the same rounded weight in float.
+
 The graph serves batches of one decode row: for several rows Inductor picks ATen's GEMMs anyway, and a dynamic
 row count would lose the templates. The context is dynamic (a context of one block is padded to two with the
 padding block, masked, so one block does not specialize it): one graph serves every length. The attention's
@@ -39,11 +42,18 @@ class _DecodeStep(torch.nn.Module):
         self.model = model
         self.windows = windows   # the attention windows the layers use (None: full attention), one mask each
 
-    def forward(self, input_ids, positions, kv_caches, slot_mapping, block_tables, masks):
+    def forward(self, input_ids, positions, kv_caches, slot_mapping, block_tables, masks, lm_head_codes=None,
+                lm_head_scales=None):
         group = AttentionGroup(slice(None), block_tables, positions.view(-1, 1))   # every row
         group._masks.update(zip(self.windows, masks))
         hidden = self.model(input_ids, positions, kv_caches, AttentionMetadata(slot_mapping, [group]))
-        return self.model.compute_logits(hidden)
+        if lm_head_codes is None:
+            return self.model.compute_logits(hidden)
+        # lm_head rounded to int8 (server/layers/linear.py, Linear.round_to_int8): its codes come in as inputs, not
+        # weights frozen in, which Inductor would fold back into a float copy; it fuses the conversion into one
+        # multiply-and-sum loop over the int8 codes. The hidden state is returned too: as an output it is stored
+        # once, where otherwise the final norm would be recomputed inside the sum of every vocabulary row.
+        return (hidden.float()[:, None, :] * lm_head_codes.float()).sum(-1) * lm_head_scales, hidden
 
 
 def _with_own_forward(module: torch.nn.Module) -> torch.nn.Module:
@@ -64,6 +74,8 @@ class CompiledDecode:
         self.windows = tuple(dict.fromkeys(model.config.sliding_windows))
         self.max_positions = model.model.layers[0].self_attn.rotary.cos.shape[0]
         self.checked = False   # set once the graph compiled and matched the eager forward: no recompiles after
+        rows = model.lm_head.int8_rows
+        self.lm_head_int8 = () if rows is None else (rows.codes, rows.scales)
         # fullgraph: a graph break would leave the model's inner frames compiled without module guards (below),
         # shared by every layer and engine; it fails the compile instead.
         self.step = torch.compile(_with_own_forward(_DecodeStep(model, self.windows)), dynamic=False, fullgraph=True,
@@ -106,7 +118,8 @@ class CompiledDecode:
         # as it stands on the compiling thread, not from torch.compile's options.
         with torch._inductor.config.patch(freezing=True), \
                 torch.compiler.set_stance("fail_on_recompile" if self.checked else "default"):
-            return self.step(input_ids, positions, self.kv_caches, slot_mapping, block_tables, masks)
+            out = self.step(input_ids, positions, self.kv_caches, slot_mapping, block_tables, masks, *self.lm_head_int8)
+            return out[0] if self.lm_head_int8 else out
 
     @torch.inference_mode()
     def check_against_eager(self, width: int = 3) -> float:

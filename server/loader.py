@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 # Tensors some checkpoints carry that the forward pass recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# On CPU these --quant modes round lm_head (and an embedding tied to it) to int8 per row too, as llama.cpp
+# keeps its output matrix at 8 bits and gpt-fast quantizes it: a 1-row decode step reads the codes, a quarter
+# of the float32 bytes. GPTQ checkpoints keep the float lm_head they were written with (as auto-gptq does).
+LM_HEAD_INT8_QUANTS = ("int8", "int4")
 
 
 class CheckpointError(ValueError):
@@ -102,12 +106,18 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                 module.finish_loading()
             except ValueError as e:   # what the tensors say together: g_idx out of range, fused parts that disagree
                 raise CheckpointError(f"checkpoint {path}: {name}: {e}") from None
-    packed = _use_cpu_matmuls(model) if device.type == "cpu" and linear.ops.name == "torch" else 0
+    cpu_torch = device.type == "cpu" and linear.ops.name == "torch"
+    if cpu_torch and quant in LM_HEAD_INT8_QUANTS:
+        model.lm_head.round_to_int8()
+    packed = _use_cpu_matmuls(model) if cpu_torch else 0
     model.weight_bytes = weight_bytes(model)
     model.linear_weight_bytes = sum(weight_bytes(m) for name, m in model.named_modules()
                                     if name.endswith("_proj") and "." in name)
+    quant_label = quant_config.method if quant_config else "no quantization"
+    if model.lm_head.int8_rows is not None:
+        quant_label += ", lm_head rounded to int8"
     log.info("loaded %s from %s (%d tensors, %s, %s kernels%s): weights %.1f MiB, of which linear layers %.1f MiB%s",
-             cfg.architecture, path, len(loaded), quant_config.method if quant_config else "no quantization",
+             cfg.architecture, path, len(loaded), quant_label,
              linear.ops.name, f", tensor-parallel rank {tp.rank} of {tp.size}" if tp.size > 1 else "",
              model.weight_bytes / 2**20, model.linear_weight_bytes / 2**20,
              f"; plus {packed / 2**20:.1f} MiB of oneDNN-packed copies for multi-row matmuls" if packed else "")

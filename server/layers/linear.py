@@ -12,6 +12,8 @@ kernels (kernels/quant_matmul_cpu.py): int8 keeps its weight and stores its scal
 weight, once. Either way the GPTQ tensors are dropped. Float weights on CPU get their chunked view and
 oneDNN-packed copy through use_cpu_matmul() (kernels/float_matmul_cpu.py).
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -32,18 +34,34 @@ def _packed_kernels(ops: Ops, device: torch.device) -> bool:
     return ops.name == "torch" and device.type == "cpu"
 
 
+@dataclass
+class Int8Rows:
+    """A float weight rounded to int8 per row: it equals codes * scales[:, None]."""
+    codes: torch.Tensor    # [N, K] int8
+    scales: torch.Tensor   # [N] float32
+
+
 class Linear(Partitioned):
     def __init__(self, in_features: int, out_features: int, bias: bool = False, partition: Partition | None = None):
         super().__init__(in_features, out_features, partition)
         self.weight = _param(self.out_features, self.in_features)
         self.bias = _param(self.out_features) if bias else None
         self.cpu_weight = None   # set at load on CPU: chunked and packed forms (kernels/float_matmul_cpu.py)
+        self.int8_rows: Int8Rows | None = None   # set by round_to_int8()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return float_matmul_cpu.float_matmul(x, self.weight, self.cpu_weight, self.bias)
 
     def use_cpu_matmul(self, pack: bool):
         self.cpu_weight = float_matmul_cpu.cpu_float_weight(self.weight, pack=pack)
+
+    def round_to_int8(self):
+        """Rounds the weight to int8 per row (symmetric, as Int8Linear) in place, so every path computes with the
+        rounded weight, and keeps the codes for a compiled CPU step to read instead (server/compiled_decode.py).
+        Must come before use_cpu_matmul(); a table tied to this weight is rounded with it."""
+        codes, scales = quantize_int8(self.weight.data)
+        self.weight.data.copy_(codes.float() * scales[:, None])
+        self.int8_rows = Int8Rows(codes, scales)
 
 
 class Int8Linear(Partitioned):
@@ -274,7 +292,7 @@ def weight_bytes(module: nn.Module) -> int:
 
 
 class LinearFactory:
-    """Builds the projections of the decoder layers in the chosen quantization (lm_head stays float)."""
+    """Builds the projections of the decoder layers in the chosen quantization (lm_head stays a float Linear)."""
 
     def __init__(self, quant: QuantConfig | None, ops: Ops):
         self.quant, self.ops = quant, ops

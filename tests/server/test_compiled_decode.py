@@ -56,6 +56,18 @@ def test_a_request_decoding_alone_runs_the_compiled_step_and_gives_transformers_
     assert compiled_steps[0] == len(prompts) * (GREEDY.max_tokens - 1)   # every decode step after each prefill
 
 
+def test_a_quantized_model_compiled_reads_lm_head_as_int8_and_gives_the_eager_tokens(llama):
+    # --quant int4 rounds lm_head to int8 on CPU: the eager steps multiply by the rounded float weight, the
+    # compiled one by the int8 codes and their scales, the same numbers
+    prompts = random_prompts(2, [9, 30], seed=24)
+    e = engine(llama, quant="int4")
+    assert e.core.runner.compiled_decode.lm_head_int8
+    compiled_steps = count_compiled_steps(e)
+    eager = in_process_engine(EngineConfig(model=llama, max_wait_ms=1, kv_cache_tokens=2048, block_size=16, quant="int4"))
+    assert one_at_a_time(e, prompts) == one_at_a_time(eager, prompts)
+    assert compiled_steps[0] == len(prompts) * (GREEDY.max_tokens - 1)
+
+
 def test_concurrent_requests_decode_eagerly_and_alone_again_compiled(llama, hf_reference):
     prompts = random_prompts(3, [5, 20, 33], seed=22)
     lengths = [6, 10, 18]   # the batch shrinks to the last request, which then decodes alone

@@ -47,6 +47,28 @@ def test_float_weights_are_not_packed_where_a_copy_does_not_fit(llama, monkeypat
     assert "not packing the float weights" in caplog.text
 
 
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])   # qwen2's lm_head is tied to the embedding table
+def test_cpu_quant_rounds_lm_head_to_int8_per_row(checkpoints, arch, quant):
+    cpu = torch.device("cpu")
+    model = load_model(checkpoints[arch], torch.float32, cpu, 64, quant=quant)
+    float_model = load_model(checkpoints[arch], torch.float32, cpu, 64)
+    rows, weight = model.lm_head.int8_rows, model.lm_head.weight
+    assert float_model.lm_head.int8_rows is None
+    assert rows.codes.dtype == torch.int8 and (rows.codes.abs().amax(dim=1) == 127).all()
+    assert torch.equal(weight, rows.codes.float() * rows.scales[:, None])   # what every path computes with
+    assert ((weight - float_model.lm_head.weight).abs() <= rows.scales[:, None] / 2 + 1e-7).all()
+    embedding = model.model.embed_tokens.weight
+    assert (embedding is weight) == (arch == "qwen2")
+    if arch != "qwen2":
+        assert torch.equal(embedding, float_model.model.embed_tokens.weight)
+
+
+def test_a_gptq_checkpoint_keeps_its_float_lm_head(gptq_checkpoint):
+    model = load_model(gptq_checkpoint, torch.float32, torch.device("cpu"), 64)
+    assert model.lm_head.int8_rows is None
+
+
 def test_unsupported_architecture_names_what_is_supported(llama, tmp_path):
     shutil.copytree(llama, tmp_path / "m", dirs_exist_ok=True)
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
