@@ -49,15 +49,21 @@ class RotaryEmbedding(nn.Module):
             return self.ops.rotary(positions, q, k, self.cos, self.sin)
         # The torch ops (kernels/rotary.py's reference, in fewer ops): every layer of a forward rotates by the
         # same positions, so their rows are gathered once, by the first layer.
+        half = q.shape[-1] // 2
         if torch.compiler.is_compiling():   # a compiled graph gathers them where it uses them
             c, s = self._rows(positions, q.dtype)
-        else:
-            if self._step is None or self._step[0] is not positions or self._step[1].dtype != q.dtype:
-                self._step = (positions, *self._rows(positions, q.dtype))
-            _, c, s = self._step
-        half = q.shape[-1] // 2
+            # the halves swapped by a cat, the same numbers as roll: Inductor reads a roll element by element
+            # (a modulo index), and the attention's sums recompute q's rotation for every key they read
+            return q * c + _swap_halves(q, half) * s, k * c + _swap_halves(k, half) * s
+        if self._step is None or self._step[0] is not positions or self._step[1].dtype != q.dtype:
+            self._step = (positions, *self._rows(positions, q.dtype))
+        _, c, s = self._step
         return q * c + q.roll(half, -1) * s, k * c + k.roll(half, -1) * s
 
     def _rows(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # cos and signed_sin at the positions, [T, 1, Dh]: broadcast over the heads
         return self.cos[positions].to(dtype).unsqueeze(1), self.signed_sin[positions].to(dtype).unsqueeze(1)
+
+
+def _swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1)
