@@ -9,7 +9,8 @@ table) with an online softmax in float32, and honour a sliding window.
 
 The torch reference (paged_attention_reference) serves the CPU: index_copy into the slots, a gather of whole
 blocks and SDPA with a mask. Inside a compiled CPU decode step (server/compiled_decode.py) the write is one
-custom op (lmserve::write_kv) and the attention plain products and sums that Inductor fuses with the gather.
+index_copy_ into the layer's whole cache and the attention plain products and sums that Inductor fuses with the
+gather.
 """
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ def paged_attention_reference(q, k, v, k_cache, v_cache, meta, scale: float, win
     block_size = k_cache.shape[1]
     if torch.compiler.is_compiling():   # a compiled decode step (server/compiled_decode.py)
         g = meta.groups[0]
-        write_kv_op(k, v, k_cache, v_cache, meta.slot_mapping)
+        _write_kv_traced(k, v, k_cache, v_cache, meta.slot_mapping)
         return _attend_decode_traced(q, k_cache, v_cache, g.block_tables, g.mask(window, block_size), scale)
     _write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     groups = meta.merged_groups()
@@ -46,11 +47,6 @@ def _write_kv(k, v, k_cache, v_cache, slots):
     written = slots >= 0   # slot -1: a padding row (a CUDA graph's spare rows), nothing written
     if not written.all():
         slots, k, v = slots[written], k[written], v[written]
-    _copy_kv(k, v, k_cache, v_cache, slots)
-
-
-def _copy_kv(k, v, k_cache, v_cache, slots):
-    # every row of k, v into its slot
     _, _, num_kv_heads, head_dim = k_cache.shape
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
@@ -70,18 +66,12 @@ def _attend(q, k_cache, v_cache, block_tables, mask, num_queries: int, scale: fl
     return o.transpose(1, 2).reshape(-1, *q.shape[1:])
 
 
-@torch.library.custom_op("lmserve::write_kv", mutates_args=("k_cache", "v_cache"))
-def write_kv_op(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                slot_mapping: torch.Tensor) -> None:
-    """The K/V write of a compiled step, one op the graph calls as it is (traced, the write into a view of the
-    layer's cache, K and V being halves of one tensor, becomes a copy of the whole V half every step). A compiled
-    step has no padding rows, so unlike _write_kv it writes every row without checking."""
-    _copy_kv(k, v, k_cache, v_cache, slot_mapping)
-
-
-@write_kv_op.register_fake
-def _(k, v, k_cache, v_cache, slot_mapping):
-    return None
+def _write_kv_traced(k, v, k_cache, v_cache, slots):
+    # The compiled step's write (it has no padding rows), into the layer's cache whose halves k_cache and v_cache
+    # are: Inductor writes one index_copy_ into the whole tensor in place, where an index_copy_ into each half
+    # became a copy of the whole V half every step. check_against_eager would see a write that went elsewhere.
+    cache, per_half = k_cache._base, k_cache.shape[0] * k_cache.shape[1]
+    cache.view(-1, *k_cache.shape[2:]).index_copy_(0, torch.cat([slots, slots + per_half]), torch.cat([k, v]))
 
 
 def _attend_decode_traced(q, k_cache, v_cache, block_tables, mask, scale: float):
