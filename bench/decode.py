@@ -57,12 +57,18 @@ class DecodeReport:
 
 
 def bytes_per_step(engine: InProcessEngineClient, context_tokens: int, batch: int) -> int:
-    """Weights a decode step reads (the embedding table only by rows, so not counted unless tied to lm_head),
-    plus the K and V of every layer over the context, per sequence: rank 0's share under tensor parallelism."""
+    """Weights a decode step reads (the embedding table only by rows, so not counted unless tied to lm_head; an
+    lm_head rounded to int8 as its codes where the compiled step serves the batch), plus the K and V of every
+    layer over the context, per sequence: rank 0's share under tensor parallelism."""
     model = engine.core.model
     embedding = model.model.embed_tokens.weight
     tied = model.lm_head.weight is embedding
     weights = model.weight_bytes - (0 if tied else embedding.numel() * embedding.element_size())
+    rows = model.lm_head.int8_rows
+    if rows is not None and batch == 1 and engine.core.runner.compiled_decode is not None:
+        lm_head = model.lm_head.weight
+        weights += (rows.codes.numel() + rows.scales.numel() * rows.scales.element_size()
+                    - lm_head.numel() * lm_head.element_size())
     cfg = model.config
     kv = 2 * cfg.num_layers * model.num_kv_heads * cfg.head_dim * engine.core.dtype.itemsize
     return weights + batch * context_tokens * kv

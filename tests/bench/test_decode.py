@@ -20,6 +20,16 @@ def test_a_step_reads_every_weight_but_the_untied_embedding_plus_the_kv_cache(ch
     assert bytes_per_step(engine, 10, 3) - bytes_per_step(engine, 10, 1) == 2 * 10 * kv_per_token
 
 
+def test_a_compiled_step_reads_an_int8_lm_head_as_its_codes(llama):
+    engine = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=1024, quant="int8"))
+    eager = bytes_per_step(engine, 10, 1)
+    engine.core.runner.compiled_decode = object()   # as --compile leaves it; only its presence is read
+    lm_head = engine.core.model.lm_head.weight
+    vocab, hidden = lm_head.shape
+    assert bytes_per_step(engine, 10, 1) == eager - vocab * hidden * 4 + vocab * hidden + vocab * 4
+    assert bytes_per_step(engine, 10, 2) - bytes_per_step(engine, 10, 1) > vocab * hidden   # 2 rows: eager
+
+
 def test_the_report_relates_measured_speed_to_the_floor(llama):
     engine = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=1024, max_wait_ms=0))
     r = asyncio.run(measure(engine, batch=2, prompt_tokens=8, output_tokens=12, bandwidth=50e9))
