@@ -41,7 +41,8 @@ def build_engine_model(config: EngineConfig, model_path: Path, device: torch.dev
             workers = _start_workers(config, model_path, device, dtype, max_model_len)
             workers.on_death = on_worker_death
         model = load_model(model_path, dtype, device, max_model_len, config.quant, config.quant_group_size,
-                           config.kernels, workers.tp if workers is not None else SINGLE)
+                           config.kernels, workers.tp if workers is not None else SINGLE,
+                           int8_lm_head=config.compile and workers is None)
         worker_blocks = workers.wait_loaded() if workers is not None else None
         if model.ops.name == "triton" and (config.block_size < 16 or config.block_size & (config.block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16 with the Triton kernels; got {config.block_size}")

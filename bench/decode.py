@@ -65,10 +65,11 @@ def bytes_per_step(engine: InProcessEngineClient, context_tokens: int, batch: in
     tied = model.lm_head.weight is embedding
     weights = model.weight_bytes - (0 if tied else embedding.numel() * embedding.element_size())
     rows = model.lm_head.int8_rows
-    if rows is not None and batch == 1 and engine.core.runner.compiled_decode is not None:
+    if rows is not None:   # weight_bytes counts both forms; a step reads one
         lm_head = model.lm_head.weight
-        weights += (rows.codes.numel() + rows.scales.numel() * rows.scales.element_size()
-                    - lm_head.numel() * lm_head.element_size())
+        compiled = batch == 1 and engine.core.runner.compiled_decode is not None
+        weights -= (lm_head.numel() * lm_head.element_size() if compiled
+                    else rows.codes.numel() + rows.scales.numel() * rows.scales.element_size())
     cfg = model.config
     kv = 2 * cfg.num_layers * model.num_kv_heads * cfg.head_dim * engine.core.dtype.itemsize
     return weights + batch * context_tokens * kv

@@ -67,10 +67,12 @@ def _attend(q, k_cache, v_cache, block_tables, mask, num_queries: int, scale: fl
 
 
 def _write_kv_traced(k, v, k_cache, v_cache, slots):
-    # The compiled step's write (it has no padding rows), into the layer's cache whose halves k_cache and v_cache
-    # are: Inductor writes one index_copy_ into the whole tensor in place, where an index_copy_ into each half
-    # became a copy of the whole V half every step. check_against_eager would see a write that went elsewhere.
+    # The compiled step's write (it has no padding rows). k_cache and v_cache are the halves of the layer's cache
+    # tensor [2, ...]: Inductor does one index_copy_ into the whole tensor in place, where an index_copy_ into each
+    # half became a copy of the whole V half every step.
     cache, per_half = k_cache._base, k_cache.shape[0] * k_cache.shape[1]
+    assert cache is not None and v_cache._base is cache and cache.shape == (2, *k_cache.shape), \
+        "the compiled step writes K and V as the two halves of one cache tensor"
     cache.view(-1, *k_cache.shape[2:]).index_copy_(0, torch.cat([slots, slots + per_half]), torch.cat([k, v]))
 
 

@@ -4,19 +4,20 @@ torch.compile into Inductor's C++.
 A CPU decode step is ~120 small matrix-vector products and ~1,000 small ops. Compiled as one graph with the
 weights frozen into it, Inductor fuses the small ops into a few C++ loops and multiplies one row by its own GEMV
 templates over prepacked weights, which read an int8 or float32 weight at close to the memory bandwidth where
-ATen's kernels reach half of it or less. The price: a compile at start (about a minute on two cores for the default model,
-less from Inductor's disk cache; bench/RESULTS.md) and one more copy of the weights, frozen and packed for the graph, beside the
-eager steps' (kernels/float_matmul_cpu.py).
+ATen's kernels reach half of it or less. The price: a compile at start (less from Inductor's disk cache; the load
+log says how long) and one more copy of the weights, frozen and packed for the graph, beside the eager steps'
+(kernels/float_matmul_cpu.py).
 
-Where --quant rounded lm_head to int8 (server/loader.py), the graph reads its int8 codes, a quarter of the float32
-bytes, in a multiply-and-sum loop Inductor writes; the eager steps multiply by the same rounded weight in float.
+A model quantized by --quant int8/int4 has lm_head rounded to int8 for this step (server/loader.py, int8_lm_head):
+the graph reads its int8 codes, a quarter of the float32 bytes, in a multiply-and-sum loop Inductor writes; the
+eager steps multiply by the same rounded weight in float.
 
 The graph serves batches of one decode row: for several rows Inductor picks ATen's GEMMs anyway, and a dynamic
 row count would lose the templates. The context is dynamic (a context of one block is padded to two with the
 padding block, masked, so one block does not specialize it): one graph serves every length. The attention's
 reads and products are traced too, the block gather fused into them, and its K/V write, one index_copy_ into the
-layer's cache that Inductor does in place (kernels/paged_attention.py). Once checked, the graph may not recompile: a step that would
-recompile fails instead, and the model runner goes eager for good.
+layer's cache that Inductor does in place (kernels/paged_attention.py). Once checked, the graph may not
+recompile: a step that would recompile fails instead, and the model runner goes eager for good.
 """
 import logging
 import time

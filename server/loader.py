@@ -27,10 +27,9 @@ log = logging.getLogger(__name__)
 
 # Tensors some checkpoints carry that the forward pass recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# On CPU these --quant modes round lm_head (and an embedding tied to it) to int8 per row too, as llama.cpp
-# keeps its output matrix at 8 bits and gpt-fast quantizes it: a 1-row decode step reads the codes, a quarter
-# of the float32 bytes. GPTQ checkpoints keep the float lm_head they were written with (as auto-gptq does).
-LM_HEAD_INT8_QUANTS = ("int8", "int4")
+# The --quant modes whose compiled CPU decode step reads lm_head as int8 (load_model's int8_lm_head). GPTQ
+# checkpoints keep the float lm_head they were written with, as auto-gptq does.
+_LM_HEAD_INT8_QUANTS = ("int8", "int4")
 
 
 class CheckpointError(ValueError):
@@ -63,8 +62,11 @@ def safetensors_files(path: Path) -> list[Path]:
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
                quant: str = "none", group_size: int = 128, kernels: str = "auto",
-               tp: TensorParallel = SINGLE) -> LlamaForCausalLM:
-    """The model, or this rank's share of it (tp), loaded from a checkpoint directory."""
+               tp: TensorParallel = SINGLE, int8_lm_head: bool = False) -> LlamaForCausalLM:
+    """The model, or this rank's share of it (tp), loaded from a checkpoint directory. int8_lm_head: a CPU model
+    quantized by --quant int8/int4 whose decode step will compile rounds lm_head (and an embedding tied to it) to
+    int8 per row too, as llama.cpp and gpt-fast quantize the output matrix: the compiled step reads the codes, a
+    quarter of the float32 bytes, and the eager steps the same rounded weight."""
     path = Path(path)
     hf_config = load_hf_config(path)
     cfg = ModelConfig.from_hf(hf_config)
@@ -107,7 +109,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
             except ValueError as e:   # what the tensors say together: g_idx out of range, fused parts that disagree
                 raise CheckpointError(f"checkpoint {path}: {name}: {e}") from None
     cpu_torch = device.type == "cpu" and linear.ops.name == "torch"
-    if cpu_torch and quant in LM_HEAD_INT8_QUANTS:
+    if int8_lm_head and cpu_torch and quant in _LM_HEAD_INT8_QUANTS:
         model.lm_head.round_to_int8()
     packed = _use_cpu_matmuls(model) if cpu_torch else 0
     model.weight_bytes = weight_bytes(model)

@@ -36,7 +36,8 @@ def _packed_kernels(ops: Ops, device: torch.device) -> bool:
 
 @dataclass
 class Int8Rows:
-    """A float weight rounded to int8 per row: it equals codes * scales[:, None]."""
+    """A float weight rounded to int8 per row: codes * scales[:, None] (a 16-bit weight holds that product rounded
+    to its dtype)."""
     codes: torch.Tensor    # [N, K] int8
     scales: torch.Tensor   # [N] float32
 
@@ -56,9 +57,9 @@ class Linear(Partitioned):
         self.cpu_weight = float_matmul_cpu.cpu_float_weight(self.weight, pack=pack)
 
     def round_to_int8(self):
-        """Rounds the weight to int8 per row (symmetric, as Int8Linear) in place, so every path computes with the
-        rounded weight, and keeps the codes for a compiled CPU step to read instead (server/compiled_decode.py).
-        Must come before use_cpu_matmul(); a table tied to this weight is rounded with it."""
+        """Rounds the weight to int8 per row (symmetric, as Int8Linear) in place, for the eager steps, and keeps
+        the codes for a compiled CPU step to read instead (server/compiled_decode.py). Must come before
+        use_cpu_matmul(); a table tied to this weight is rounded with it."""
         codes, scales = quantize_int8(self.weight.data)
         self.weight.data.copy_(codes.float() * scales[:, None])
         self.int8_rows = Int8Rows(codes, scales)
@@ -282,11 +283,13 @@ class BnbLinear(Partitioned):
 
 
 def weight_bytes(module: nn.Module) -> int:
-    """Bytes of a module's weights, including the scales bitsandbytes keeps beside its quantized tensors."""
+    """Bytes of a module's weights, including the scales bitsandbytes keeps beside its quantized tensors and the
+    int8 codes of a weight rounded by round_to_int8()."""
     total = sum(p.numel() * p.element_size() for p in module.parameters())
     for m in module.modules():
-        weight = getattr(m, "weight", None)
+        weight, rows = getattr(m, "weight", None), getattr(m, "int8_rows", None)
         extras = [getattr(weight, "SCB", None), getattr(getattr(weight, "quant_state", None), "absmax", None)]
+        extras += [rows.codes, rows.scales] if rows is not None else []
         total += sum(t.numel() * t.element_size() for t in extras if isinstance(t, torch.Tensor))
     return total
 

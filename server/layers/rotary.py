@@ -49,15 +49,13 @@ class RotaryEmbedding(nn.Module):
             return self.ops.rotary(positions, q, k, self.cos, self.sin)
         # The torch ops (kernels/rotary.py's reference, in fewer ops): every layer of a forward rotates by the
         # same positions, so their rows are gathered once, by the first layer.
-        half = q.shape[-1] // 2
         if torch.compiler.is_compiling():   # a compiled graph gathers them where it uses them
             c, s = self._rows(positions, q.dtype)
-            # the halves swapped by a cat, the same numbers as roll: Inductor reads a roll element by element
-            # (a modulo index), and the attention's sums recompute q's rotation for every key they read
-            return q * c + _swap_halves(q, half) * s, k * c + _swap_halves(k, half) * s
+            return q * c + _swap_halves(q) * s, k * c + _swap_halves(k) * s
         if self._step is None or self._step[0] is not positions or self._step[1].dtype != q.dtype:
             self._step = (positions, *self._rows(positions, q.dtype))
         _, c, s = self._step
+        half = q.shape[-1] // 2
         return q * c + q.roll(half, -1) * s, k * c + k.roll(half, -1) * s
 
     def _rows(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,5 +63,8 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].to(dtype).unsqueeze(1), self.signed_sin[positions].to(dtype).unsqueeze(1)
 
 
-def _swap_halves(x: torch.Tensor, half: int) -> torch.Tensor:
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    # x.roll(Dh / 2, -1) as a cat, for a compiled graph: Inductor reads a roll element by element (a modulo index),
+    # inside the attention's sums once per key. Eagerly roll is the faster of the two.
+    half = x.shape[-1] // 2
     return torch.cat((x[..., half:], x[..., :half]), dim=-1)

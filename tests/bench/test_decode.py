@@ -20,14 +20,17 @@ def test_a_step_reads_every_weight_but_the_untied_embedding_plus_the_kv_cache(ch
     assert bytes_per_step(engine, 10, 3) - bytes_per_step(engine, 10, 1) == 2 * 10 * kv_per_token
 
 
-def test_a_compiled_step_reads_an_int8_lm_head_as_its_codes(llama):
-    engine = in_process_engine(EngineConfig(model=llama, kv_cache_tokens=1024, quant="int8"))
-    eager = bytes_per_step(engine, 10, 1)
-    engine.core.runner.compiled_decode = object()   # as --compile leaves it; only its presence is read
-    lm_head = engine.core.model.lm_head.weight
-    vocab, hidden = lm_head.shape
-    assert bytes_per_step(engine, 10, 1) == eager - vocab * hidden * 4 + vocab * hidden + vocab * 4
-    assert bytes_per_step(engine, 10, 2) - bytes_per_step(engine, 10, 1) > vocab * hidden   # 2 rows: eager
+def test_an_int8_lm_head_is_read_as_its_codes_by_the_compiled_step_and_as_floats_eagerly(llama, monkeypatch):
+    monkeypatch.setattr("batching.engine_model.build_compiled_decode", lambda *args: object())   # not compiled:
+    engine = in_process_engine(EngineConfig(model=llama, device="cpu", kv_cache_tokens=1024, quant="int8",
+                                            compile=True))                        # only its presence is read
+    model = engine.core.model
+    vocab, hidden = model.lm_head.weight.shape
+    codes = vocab * hidden + vocab * 4   # int8 codes, float32 scales
+    assert model.weight_bytes == sum(p.numel() * p.element_size() for p in model.parameters()) + codes
+    compiled = bytes_per_step(engine, 10, 1)
+    engine.core.runner.compiled_decode = None
+    assert bytes_per_step(engine, 10, 1) - compiled == vocab * hidden * 4 - codes
 
 
 def test_the_report_relates_measured_speed_to_the_floor(llama):

@@ -57,14 +57,22 @@ def test_a_request_decoding_alone_runs_the_compiled_step_and_gives_transformers_
 
 
 def test_a_quantized_model_compiled_reads_lm_head_as_int8_and_gives_the_eager_tokens(llama):
-    # --quant int4 rounds lm_head to int8 on CPU: the eager steps multiply by the rounded float weight, the
-    # compiled one by the int8 codes and their scales, the same numbers
+    # --quant int4 --compile rounds lm_head to int8: the compiled step multiplies by its int8 codes and float32
+    # scales, the eager steps by the rounded float32 weight
     prompts = random_prompts(2, [9, 30], seed=24)
     e = engine(llama, quant="int4")
     assert e.core.runner.compiled_decode.lm_head_int8
     compiled_steps = count_compiled_steps(e)
-    eager = in_process_engine(EngineConfig(model=llama, max_wait_ms=1, kv_cache_tokens=2048, block_size=16, quant="int4"))
-    assert one_at_a_time(e, prompts) == one_at_a_time(eager, prompts)
+
+    async def main():
+        try:
+            compiled = [(await collect(e, p, GREEDY))[0] for p in prompts]
+            e.core.runner.compiled_decode = None   # the same engine, decoding eagerly from here
+            return compiled, [(await collect(e, p, GREEDY))[0] for p in prompts]
+        finally:
+            await e.core.shutdown()
+    compiled, eager = run(main())
+    assert compiled == eager
     assert compiled_steps[0] == len(prompts) * (GREEDY.max_tokens - 1)
 
 

@@ -49,12 +49,13 @@ def test_float_weights_are_not_packed_where_a_copy_does_not_fit(llama, monkeypat
 
 @pytest.mark.parametrize("quant", ["int8", "int4"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])   # qwen2's lm_head is tied to the embedding table
-def test_cpu_quant_rounds_lm_head_to_int8_per_row(checkpoints, arch, quant):
+def test_int8_lm_head_rounds_a_quantized_cpu_models_lm_head_per_row(checkpoints, arch, quant):
     cpu = torch.device("cpu")
-    model = load_model(checkpoints[arch], torch.float32, cpu, 64, quant=quant)
-    float_model = load_model(checkpoints[arch], torch.float32, cpu, 64)
+    model = load_model(checkpoints[arch], torch.float32, cpu, 64, quant=quant, int8_lm_head=True)
+    float_model = load_model(checkpoints[arch], torch.float32, cpu, 64, int8_lm_head=True)
     rows, weight = model.lm_head.int8_rows, model.lm_head.weight
     assert float_model.lm_head.int8_rows is None
+    assert load_model(checkpoints[arch], torch.float32, cpu, 64, quant=quant).lm_head.int8_rows is None
     assert rows.codes.dtype == torch.int8 and (rows.codes.abs().amax(dim=1) == 127).all()
     assert torch.equal(weight, rows.codes.float() * rows.scales[:, None])   # what every path computes with
     assert ((weight - float_model.lm_head.weight).abs() <= rows.scales[:, None] / 2 + 1e-7).all()
@@ -65,7 +66,7 @@ def test_cpu_quant_rounds_lm_head_to_int8_per_row(checkpoints, arch, quant):
 
 
 def test_a_gptq_checkpoint_keeps_its_float_lm_head(gptq_checkpoint):
-    model = load_model(gptq_checkpoint, torch.float32, torch.device("cpu"), 64)
+    model = load_model(gptq_checkpoint, torch.float32, torch.device("cpu"), 64, int8_lm_head=True)
     assert model.lm_head.int8_rows is None
 
 
