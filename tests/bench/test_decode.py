@@ -21,9 +21,10 @@ def test_a_step_reads_every_weight_but_the_untied_embedding_plus_the_kv_cache(ch
 
 
 def test_an_int8_lm_head_is_read_as_its_codes_by_the_compiled_step_and_as_floats_eagerly(llama, monkeypatch):
-    monkeypatch.setattr("batching.engine_model.build_compiled_decode", lambda *args: object())   # not compiled:
+    # nothing compiles: bytes_per_step reads only whether the runner has a compiled step
+    monkeypatch.setattr("batching.engine_model.build_compiled_decode", lambda *args: object())
     engine = in_process_engine(EngineConfig(model=llama, device="cpu", kv_cache_tokens=1024, quant="int8",
-                                            compile=True))                        # only its presence is read
+                                            compile=True))
     model = engine.core.model
     vocab, hidden = model.lm_head.weight.shape
     codes = vocab * hidden + vocab * 4   # int8 codes, float32 scales
